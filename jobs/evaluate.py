@@ -1,0 +1,90 @@
+"""Evaluate stage: score a model artifact on a prepared split and print a classification report.
+
+    slimray evaluate --model runs/b77/ft --data runs/b77/data --split test --out runs/b77/eval
+
+Writes ``metrics.json`` into ``--out`` (never into the model's own folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from jobs.artifacts import atomic_dir, manifest, write_json
+from jobs.config import StageConfig, run_stage
+from jobs.errors import InputError
+from jobs.inference import model_max_length, predict_logits
+from jobs.modeling import label_names_of, load_classifier
+from jobs.prepare import load_prepared
+from jobs.tasks import get_task
+
+log = logging.getLogger("slimray.evaluate")
+
+
+class EvaluateConfig(StageConfig):
+    """Score a fine-tuned model on a prepared split; print a classification report."""
+
+    model: Path = Field(description="Model artifact folder (fine-tuned or compressed)")
+    data: Path = Field(description="Prepared data folder")
+    split: str = Field(default="test", description="Split to score: train, validation or test")
+    out: Path | None = Field(default=None, description="Folder for metrics.json (default: print only)")
+    batch_size: int = Field(default=64, ge=1, description="Texts per forward pass")
+    threads: int | None = Field(default=None, ge=1, description="torch threads (default: torch's choice)")
+    overwrite: bool = Field(default=False, description="Replace an existing --out folder")
+
+
+def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) -> tuple[dict, str]:
+    """Returns (metrics, printable classification report)."""
+    from sklearn.metrics import classification_report
+
+    info = load_prepared(data_dir)
+    path = Path(data_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise InputError(f"{data_dir} has no {split!r} split (files: {sorted(p.name for p in Path(data_dir).glob('*.parquet'))})")
+    model, tokenizer = load_classifier(model_dir)
+    names = label_names_of(model)
+    table = pq.read_table(path, columns=["text", "label"])
+    unknown = sorted(set(table.column("label").to_pylist()) - set(names))
+    if unknown:
+        raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
+    name_to_id = {n: i for i, n in enumerate(names)}
+    y_true = np.array([name_to_id[n] for n in table.column("label").to_pylist()])
+    logits = predict_logits(model, tokenizer, table.column("text").to_pylist(), model_max_length(model_dir),
+                            batch_size)
+    y_pred = logits.argmax(-1)
+    metrics = {"split": split, **get_task(info["task"]).metrics(y_true, y_pred, names)}
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    report = classification_report(y_true, y_pred, labels=present, target_names=[names[i] for i in present],
+                                   digits=4, zero_division=0)
+    return metrics, report
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.out is not None and Path(cfg.out).expanduser().resolve() == Path(cfg.model).expanduser().resolve():
+        raise InputError("--out must not be the model folder: its metrics.json belongs to the model")
+    metrics, report = evaluate(Path(cfg.model), Path(cfg.data), cfg.split, cfg.batch_size)
+    print(report)
+    print(f"{cfg.split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n {metrics['n']}")
+    if cfg.out is not None:
+        with atomic_dir(Path(cfg.out), cfg.overwrite) as staging:
+            write_json(staging / "metrics.json", metrics)
+            write_json(staging / "manifest.json", manifest("evaluate", cfg.model_dump(mode="json"),
+                                                           model=str(cfg.model), data=str(cfg.data)))
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_stage(EvaluateConfig, main, argv, prog="slimray evaluate")
+
+
+if __name__ == "__main__":
+    cli()

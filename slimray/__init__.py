@@ -1,0 +1,1 @@
+"""slimray's command line: ``slimray <stage> …``. Only the front end lives here; nothing imports it."""

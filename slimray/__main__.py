@@ -1,0 +1,3 @@
+from slimray.cli import app
+
+app()

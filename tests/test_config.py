@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import ConfigError, build_config, parse_args, set_dotted
+from jobs.evaluate import EvaluateConfig
+from jobs.finetune import FinetuneConfig
+from jobs.predict import PredictConfig
+from jobs.prepare import PrepareConfig
+
+REPO = Path(__file__).resolve().parent.parent
+# Every YAML config in the repo names its schema by file-name prefix.
+SCHEMAS = {"prepare": PrepareConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
+
+
+def config_files():
+    return sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_there_are_config_files():
+    assert len(config_files()) >= 3
+
+
+@pytest.mark.parametrize("path", config_files(), ids=lambda p: p.name)
+def test_every_config_file_validates(path):
+    schema = SCHEMAS[path.name.split("_")[0]]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# slimray ") and str(path.relative_to(REPO)) in first, "open with the command that runs it"
+    build_config(schema, file=path)
+
+
+def test_flags_override_file_and_set_overrides_flags(tmp_path):
+    f = tmp_path / "ft.yaml"
+    f.write_text(yaml.safe_dump({"data": "d", "out": "o", "workers": 4, "deepspeed": {"overlap_comm": True}}))
+    cfg = parse_args(FinetuneConfig, ["--config", str(f), "--workers", "3", "--zero-stage", "3",
+                                      "--set", "workers=5", "--set", "deepspeed.reduce_bucket_size=1000"], "t")
+    assert cfg.workers == 5 and cfg.zero_stage == 3
+    assert cfg.deepspeed.overlap_comm is True and cfg.deepspeed.reduce_bucket_size == 1000
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    with pytest.raises(ConfigError, match="zero_stag.*unknown key"):
+        build_config(FinetuneConfig, flags={"data": "d", "out": "o"}, overrides=["zero_stag=3"])
+
+
+def test_bad_value_is_quoted():
+    with pytest.raises(ConfigError, match=r"zero_stage.*got 5"):
+        parse_args(FinetuneConfig, ["--data", "d", "--out", "o", "--zero-stage", "5"], "t")
+    with pytest.raises(ConfigError, match=r"workers.*got 'two'"):
+        parse_args(FinetuneConfig, ["--data", "d", "--out", "o", "--workers", "two"], "t")
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match="data: Field required"):
+        parse_args(FinetuneConfig, ["--out", "o"], "t")
+
+
+def test_text_fields_stay_text():
+    cfg = parse_args(PrepareConfig, ["--source", "123", "--out", "o", "--text-column", "007",
+                                     "--column-names", "id,rating,text"], "t")
+    assert cfg.source == "123" and cfg.text_column == "007" and cfg.column_names == ["id", "rating", "text"]
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        set_dotted({}, "no-equals-sign")
