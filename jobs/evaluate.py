@@ -17,8 +17,7 @@ from pydantic import Field
 from jobs.artifacts import atomic_dir, manifest, write_json
 from jobs.config import StageConfig, run_stage
 from jobs.errors import InputError
-from jobs.inference import model_max_length, predict_logits
-from jobs.modeling import label_names_of, load_classifier
+from jobs.inference import load_inference_model
 from jobs.prepare import load_prepared
 from jobs.tasks import get_task
 
@@ -45,17 +44,15 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     path = Path(data_dir) / f"{split}.parquet"
     if not path.is_file():
         raise InputError(f"{data_dir} has no {split!r} split (files: {sorted(p.name for p in Path(data_dir).glob('*.parquet'))})")
-    model, tokenizer = load_classifier(model_dir)
-    names = label_names_of(model)
+    model = load_inference_model(model_dir)
+    names = model.labels
     table = pq.read_table(path, columns=["text", "label"])
     unknown = sorted(set(table.column("label").to_pylist()) - set(names))
     if unknown:
         raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
     name_to_id = {n: i for i, n in enumerate(names)}
     y_true = np.array([name_to_id[n] for n in table.column("label").to_pylist()])
-    logits = predict_logits(model, tokenizer, table.column("text").to_pylist(), model_max_length(model_dir),
-                            batch_size)
-    y_pred = logits.argmax(-1)
+    y_pred = model.logits(table.column("text").to_pylist(), batch_size).argmax(-1)
     metrics = {"split": split, **get_task(info["task"]).metrics(y_true, y_pred, names)}
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     report = classification_report(y_true, y_pred, labels=present, target_names=[names[i] for i in present],

@@ -1,25 +1,22 @@
-"""Batched inference with a loaded classifier: shared by evaluate, predict and later stages."""
+"""Inference on any slimray model artifact: one loader shared by evaluate, predict, compression and serving.
+
+``load_inference_model(path)`` returns an ``InferenceModel``: label names, the max length recorded at
+fine-tuning, and ``logits(texts)``. Backends are plain functions in ``BACKENDS`` keyed by the ``backend``
+field of the artifact's ``slimray_model.json``; a folder without that file is a Hugging Face PyTorch model.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jobs.errors import InputError
 
-def predict_logits(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int | None = None,
-                   batch_size: int = 64) -> np.ndarray:
-    """Logits, shape (len(texts), num_labels); texts padded to the longest in each batch."""
-    import torch
-
-    max_length = max_length or min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
-            out.append(model(**batch).logits.float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+MODEL_INFO = "slimray_model.json"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,10 +27,73 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def model_max_length(model_dir: Any) -> int | None:
     """The max_length recorded by fine-tuning in the artifact's manifest, if any."""
-    import json
-    from pathlib import Path
-
     path = Path(model_dir) / "manifest.json"
     if path.is_file():
         return json.loads(path.read_text()).get("max_length")
     return None
+
+
+@dataclass
+class InferenceModel:
+    """A loaded artifact. ``forward(encoded batch) -> logits`` runs the model on tokenized input."""
+
+    path: Path
+    backend: str
+    labels: list[str]
+    max_length: int
+    tokenizer: Any
+    forward: Callable[[dict[str, np.ndarray]], np.ndarray]
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="np"))
+
+    def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        out = [self.forward(self.encode(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
+def _torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import torch
+
+    def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+
+    return forward
+
+
+def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
+    from jobs.modeling import load_classifier
+
+    model, tokenizer = load_classifier(path)
+    return tokenizer, _torch_forward(model)
+
+
+BACKENDS: dict[str, Callable[[Path, dict[str, Any]], tuple[Any, Callable]]] = {
+    "torch": load_torch,
+}
+
+
+def load_inference_model(path: str | Path, threads: int | None = None) -> InferenceModel:
+    """Loads any slimray model artifact. ``threads`` sets torch's intra-op threads (and ONNX Runtime's)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise InputError(f"model folder {str(path)!r} does not exist")
+    info = json.loads((path / MODEL_INFO).read_text()) if (path / MODEL_INFO).is_file() else {"backend": "torch"}
+    backend = info.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise InputError(f"{path}: unknown backend {backend!r} in {MODEL_INFO}; known: {sorted(BACKENDS)}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    info["threads"] = threads
+    tokenizer, forward = BACKENDS[backend](path, info)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    id2label = info.get("id2label") or config.get("id2label") or {}
+    labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+    max_length = info.get("max_length") or model_max_length(path) or min(
+        int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    return InferenceModel(path=path, backend=backend, labels=labels, max_length=int(max_length),
+                          tokenizer=tokenizer, forward=forward)

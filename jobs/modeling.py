@@ -85,3 +85,55 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
 def label_names_of(model: Any) -> list[str]:
     id2label = model.config.id2label
     return [id2label[i] for i in range(len(id2label))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Structured shapes: a pruned BERT-family encoder has per-layer head counts and FFN widths that no plain
+# config describes. Pruning (tuning/) and loading (here) share these helpers.
+
+
+def encoder_layers(model: Any) -> list[Any]:
+    """The transformer layers of a BERT-family encoder (BERT, MiniLM, RoBERTa, ...)."""
+    encoder = getattr(model.base_model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0], "intermediate"):
+        raise InputError(f"{type(model).__name__} is not a BERT-family encoder; structured pruning supports "
+                         "models with encoder.layer[i].attention/intermediate/output")
+    return list(layers)
+
+
+def shrink_layer(layer: Any, keep_heads: Any, keep_neurons: Any) -> None:
+    """Keeps only the given attention heads and FFN neurons of one layer, shrinking its weight matrices."""
+    import torch
+    from transformers.pytorch_utils import prune_linear_layer
+
+    attn = layer.attention.self
+    head_size = attn.attention_head_size
+    keep_heads = torch.as_tensor(sorted(int(h) for h in keep_heads), dtype=torch.long)
+    rows = (keep_heads[:, None] * head_size + torch.arange(head_size)[None, :]).reshape(-1)
+    attn.query = prune_linear_layer(attn.query, rows, dim=0)
+    attn.key = prune_linear_layer(attn.key, rows, dim=0)
+    attn.value = prune_linear_layer(attn.value, rows, dim=0)
+    layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, rows, dim=1)
+    attn.num_attention_heads = len(keep_heads)
+    attn.all_head_size = len(keep_heads) * head_size
+    neurons = torch.as_tensor(sorted(int(n) for n in keep_neurons), dtype=torch.long)
+    layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, neurons, dim=0)
+    layer.output.dense = prune_linear_layer(layer.output.dense, neurons, dim=1)
+
+
+def layer_shapes(model: Any) -> list[dict[str, int]]:
+    """Per-layer attention heads and FFN width, as recorded in a pruned artifact."""
+    return [{"heads": layer.attention.self.num_attention_heads, "ffn": layer.intermediate.dense.out_features}
+            for layer in encoder_layers(model)]
+
+
+def apply_layer_shapes(model: Any, shapes: list[dict[str, int]]) -> None:
+    """Resizes a freshly built model to recorded per-layer shapes, so a pruned state dict loads into it."""
+    layers = encoder_layers(model)
+    if len(shapes) != len(layers):
+        raise InputError(f"artifact records {len(shapes)} layer shapes but its config builds {len(layers)} layers")
+    for layer, shape in zip(layers, shapes):
+        if (shape["heads"], shape["ffn"]) != (layer.attention.self.num_attention_heads,
+                                              layer.intermediate.dense.out_features):
+            shrink_layer(layer, range(shape["heads"]), range(shape["ffn"]))

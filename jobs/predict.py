@@ -39,22 +39,17 @@ class Predictor:
     """One model replica: loads the artifact once, labels batches of texts."""
 
     def __init__(self, model_dir: str, text_column: str, threads: int):
-        import torch
+        from jobs.inference import load_inference_model
 
-        from jobs.inference import model_max_length
-        from jobs.modeling import label_names_of, load_classifier
-
-        torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_classifier(model_dir)
-        self.names = np.array(label_names_of(self.model))
-        self.max_length = model_max_length(model_dir)
+        self.model = load_inference_model(model_dir, threads=threads)
+        self.names = np.array(self.model.labels)
         self.text_column = text_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from jobs.inference import predict_logits, softmax
+        from jobs.inference import softmax
 
         texts = ["" if t is None else str(t) for t in batch[self.text_column]]
-        probs = softmax(predict_logits(self.model, self.tokenizer, texts, self.max_length, len(texts)))
+        probs = softmax(self.model.logits(texts, batch_size=len(texts)))
         best = probs.argmax(-1)
         batch["label"] = self.names[best]
         batch["score"] = probs[np.arange(len(best)), best].astype(np.float32)
@@ -85,7 +80,7 @@ def main(cfg: PredictConfig) -> Path:
     import ray.data
 
     from cluster.ray_env import connect
-    from jobs.modeling import load_classifier
+    from jobs.inference import load_inference_model
     from jobs.prepare import pick_column
     from jobs.sources import read_table
     from jobs.tasks import TEXT_COLUMN_GUESSES
@@ -95,7 +90,7 @@ def main(cfg: PredictConfig) -> Path:
         raise InputError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
     if output.suffix.lower() not in (".parquet", ".csv", ".jsonl"):
         raise InputError(f"output {str(output)!r}: unsupported format; use .parquet, .csv or .jsonl")
-    load_classifier(cfg.model)  # fail on a bad model before starting Ray
+    load_inference_model(cfg.model)  # fail on a bad model before starting Ray
     table = read_table(Path(cfg.input))
     text_column = pick_column(table, cfg.text_column, TEXT_COLUMN_GUESSES, "text", str(cfg.input))
 

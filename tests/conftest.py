@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def network_is_loopback_only() -> bool:
-    return sorted(os.listdir("/sys/class/net")) == ["lo"]
+    # /proc/net/dev lists this network namespace's interfaces (/sys/class/net may show the host's).
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    return [line.split(":")[0].strip() for line in lines] == ["lo"]
 
 
 @pytest.fixture(scope="session")
@@ -60,4 +62,47 @@ def tiny_encoder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("minilm-2l")
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+SAMPLE = REPO / "jobs" / "samples" / "harbor_bank"
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The built-in Harbor Lane Bank sample, prepared (16 intents; always available, no ../shared needed)."""
+    from jobs.prepare import PrepareConfig, main
+
+    out = tmp_path_factory.mktemp("sample") / "data"
+    main(PrepareConfig(source=str(SAMPLE), out=out, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session(isolated_network, tmp_path_factory):
+    """One embedded Ray cluster for every integration test; storage in a temp folder."""
+    import ray
+
+    from cluster.ray_env import connect
+
+    os.environ["SLIMRAY_STORAGE_ROOT"] = str(tmp_path_factory.mktemp("storage"))
+    connect()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
+    """The one short ZeRO-3 run the integration tests share: 2 workers, every parameter partitioned, and a
+    worker killed after the step-4 checkpoint on the first attempt (the run must resume and finish)."""
+    from jobs.finetune import FinetuneConfig, main
+
+    out = tmp_path_factory.mktemp("ft") / "model"
+    cfg = FinetuneConfig(
+        data=sample_data, out=out, model=str(tiny_encoder), workers=2, cpus_per_worker=1, zero_stage=3,
+        max_steps=8, batch_size=16, lr=3e-4, warmup_ratio=0.0, checkpoint_every=2, log_every=2,
+        fail_after_step=4, max_failures=2,
+        deepspeed={"stage3_param_persistence_threshold": 0},
+    )
+    main(cfg)
     return out

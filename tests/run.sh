@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv, then runs the unit and integration tests. Ray's services listen on every interface, so the
+# tests run inside a private loopback-only network namespace (unshare -n; user namespace when not root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "$(id -u)" = 0 ]; then ns="unshare -n"; else ns="unshare -rn"; fi
+exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest --integration -p no:cacheprovider "$@"' sh "$@"
