@@ -63,15 +63,80 @@ def _torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     return forward
 
 
-def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
-    from jobs.modeling import load_classifier
+def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = True) -> Any:
+    """The fp32 PyTorch model of an artifact: a plain HF folder, or one with pruned per-layer shapes.
 
-    model, tokenizer = load_classifier(path)
-    return tokenizer, _torch_forward(model)
+    ``load_weights=False`` builds the skeleton only (for int8 artifacts, whose weights load after quantizing).
+    """
+    if load_weights and not info.get("layer_shapes"):
+        from jobs.modeling import load_classifier
+
+        return load_classifier(path)[0]
+    import transformers
+    from safetensors.torch import load_file
+
+    from jobs.modeling import apply_layer_shapes
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    if info.get("layer_shapes"):
+        apply_layer_shapes(model, info["layer_shapes"])
+    if load_weights:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
+    return _tokenizer(path), _torch_forward(build_torch_model(path, info))
+
+
+def quantize_dynamic_int8(model: Any) -> Any:
+    """PyTorch dynamic int8 on every nn.Linear (weights int8, activations quantized per batch)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still the fastest here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_torch_int8(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
+    """Rebuilds the fp32 skeleton (with pruned shapes), quantizes it, then loads the saved int8 state."""
+    import torch
+
+    weights = path / info.get("weights", "model_int8.pt")
+    model = quantize_dynamic_int8(build_torch_model(path, info, load_weights=False))
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return _tokenizer(path), _torch_forward(model.eval())
+
+
+def load_onnx(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = info.get("threads") or 0  # 0: onnxruntime's default (all cores)
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path / info.get("weights", "model.onnx")), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(["logits"], {k: batch[k].astype(np.int64) for k in names})[0]
+
+    return _tokenizer(path), forward
 
 
 BACKENDS: dict[str, Callable[[Path, dict[str, Any]], tuple[Any, Callable]]] = {
     "torch": load_torch,
+    "torch-int8": load_torch_int8,
+    "onnx": load_onnx,
 }
 
 

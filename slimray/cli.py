@@ -21,6 +21,7 @@ STAGES = {
     "finetune": ("jobs.finetune", "Fine-tune a pretrained encoder with Ray Train + DeepSpeed ZeRO."),
     "evaluate": ("jobs.evaluate", "Score a model artifact on a prepared split; print a classification report."),
     "predict": ("jobs.predict", "Label every text of a file with a model, through Ray Data."),
+    "compress": ("tuning.compress", "Search distillation/pruning/trimming/int8 with Ray Tune; choose on the Pareto front."),
 }
 
 

@@ -106,3 +106,33 @@ def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
     )
     main(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_encoder, sample_data, tmp_path_factory) -> Path:
+    """The 2-layer MiniLM cut, trained in-process (no Ray, ~20 s) on the built-in sample: a real classifier
+    whose predictions mean something, for the compression tests."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from jobs.artifacts import write_json
+    from jobs.modeling import load_pretrained_for_training
+    from tuning.methods import Context, kd_train
+
+    labels = [line for line in __import__("json").loads((sample_data / "labels.json").read_text())]
+    train = pq.read_table(sample_data / "train.parquet")
+    val = pq.read_table(sample_data / "validation.parquet")
+    model = load_pretrained_for_training(str(tiny_encoder), labels, "AutoModelForSequenceClassification")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    y = np.asarray(train.column("label_id").to_pylist())
+    ctx = Context(train_texts=train.column("text").to_pylist(), train_labels=y,
+                  teacher_logits=np.zeros((len(y), len(labels)), dtype=np.float32),
+                  val_texts=val.column("text").to_pylist(), val_labels=np.asarray(val.column("label_id").to_pylist()),
+                  max_length=64, threads=2)
+    kd_train(model, tokenizer, ctx, epochs=5, lr=8e-4, temperature=1.0, alpha=0.0)  # alpha 0: plain cross-entropy
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "manifest.json", {"stage": "test fixture", "max_length": 64})
+    return out

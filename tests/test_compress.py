@@ -1,0 +1,168 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.errors import InputError
+from jobs.inference import build_torch_model, load_inference_model
+from tuning.compress import CompressConfig, NoCandidateError, check_inputs, choose, main, pareto_front
+from tuning.methods import Candidate, Context, prune, quantize, save_candidate, trim_vocab
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def context(data: Path, n: int = 300) -> Context:
+    train = pq.read_table(data / "train.parquet").slice(0, n)
+    val = pq.read_table(data / "validation.parquet")
+    y = np.asarray(train.column("label_id").to_pylist())
+    labels = json.loads((data / "labels.json").read_text())
+    return Context(train_texts=train.column("text").to_pylist(), train_labels=y,
+                   teacher_logits=np.zeros((len(y), len(labels)), dtype=np.float32),
+                   val_texts=val.column("text").to_pylist(), val_labels=np.asarray(val.column("label_id").to_pylist()),
+                   max_length=64, threads=2)
+
+
+def candidate(path: Path) -> Candidate:
+    from transformers import AutoTokenizer
+
+    return Candidate(build_torch_model(path, {}), AutoTokenizer.from_pretrained(path))
+
+
+def logits(model, tokenizer, texts):
+    with torch.inference_mode():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+
+
+def test_trim_vocab_gives_identical_logits_on_kept_token_text(tiny_classifier, sample_data, tmp_path):
+    ctx = context(sample_data)
+    base = candidate(tiny_classifier)
+    trimmed = trim_vocab(base, ctx)
+    kept = trimmed.steps[-1]["kept_tokens"]
+    assert kept < 5000 < len(base.tokenizer)  # a real trim: 30,522 -> a few thousand
+    texts = ctx.train_texts[:40]  # made of kept tokens by construction
+    np.testing.assert_allclose(logits(trimmed.model, trimmed.tokenizer, texts),
+                               logits(base.model, base.tokenizer, texts), atol=1e-5)
+    save_candidate(trimmed, tmp_path / "t", 64)
+    loaded = load_inference_model(tmp_path / "t")
+    np.testing.assert_allclose(loaded.logits(texts), logits(base.model, base.tokenizer, texts), atol=1e-4)
+    assert trimmed.model.get_input_embeddings().weight.shape[0] == kept
+
+
+def test_prune_shrinks_weights_and_reloads_through_the_loader(tiny_classifier, sample_data, tmp_path):
+    ctx = context(sample_data)
+    pruned = prune(candidate(tiny_classifier), ctx, heads=0.5, ffn=0.5, importance="taylor")
+    layer = pruned.model.base_model.encoder.layer[0]
+    assert layer.attention.self.query.weight.shape == (192, 384)  # 12 heads x 32 -> 6 heads x 32
+    assert layer.attention.output.dense.weight.shape == (384, 192)
+    assert layer.intermediate.dense.weight.shape == (768, 384)  # 1536 -> 768 neurons
+    encoder_params = lambda m: sum(p.numel() for p in m.base_model.encoder.parameters())  # noqa: E731
+    assert encoder_params(pruned.model) < 0.55 * encoder_params(candidate(tiny_classifier).model)
+    weights = save_candidate(pruned, tmp_path / "p", 64)
+    assert weights.stat().st_size < (tiny_classifier / "model.safetensors").stat().st_size - 5_000_000
+    loaded = load_inference_model(tmp_path / "p")
+    texts = ctx.val_texts[:20]
+    np.testing.assert_allclose(loaded.logits(texts), logits(pruned.model, pruned.tokenizer, texts), atol=1e-4)
+    # Structured shapes are recorded, so a plain from_pretrained cannot silently load the wrong shapes.
+    info = json.loads((tmp_path / "p" / "slimray_model.json").read_text())
+    assert info["layer_shapes"] == [{"heads": 6, "ffn": 768}, {"heads": 6, "ffn": 768}]
+
+
+@pytest.mark.parametrize("backend", ["torch-int8", "onnx-int8"])
+def test_int8_backends_agree_with_fp32_on_argmax(tiny_classifier, sample_data, tmp_path, backend):
+    ctx = context(sample_data)
+    base = candidate(tiny_classifier)
+    save_candidate(quantize(base, ctx, backend=backend), tmp_path / backend, 64)
+    q = load_inference_model(tmp_path / backend, threads=1)
+    assert q.backend == {"torch-int8": "torch-int8", "onnx-int8": "onnx"}[backend]
+    texts = ctx.val_texts
+    fp32 = logits(base.model, base.tokenizer, texts).argmax(-1)
+    agree = (q.logits(texts).argmax(-1) == fp32).mean()
+    assert agree >= 0.9, f"{backend} agrees with fp32 on {agree:.0%} of {len(texts)} texts"
+    assert (fp32 == ctx.val_labels).mean() > 0.25  # 4x chance: a real classifier, so agreement means something
+
+
+def row(tid, acc, f1, lat, size):
+    return {"trial_id": tid, "val_accuracy": acc, "val_macro_f1": f1, "latency_ms_b1": lat, "size_mb": size}
+
+
+def test_pareto_and_choice():
+    rows = [row("a", 0.90, 0.88, 1.0, 10), row("b", 0.91, 0.90, 2.0, 20), row("c", 0.85, 0.80, 0.5, 5),
+            row("d", 0.89, 0.87, 1.5, 12)]  # d is dominated by a
+    assert {r["trial_id"] for r in pareto_front(rows)} == {"a", "b", "c"}
+    base = {"val_accuracy": 0.91, "val_macro_f1": 0.90}
+    assert choose(rows, base, 1.0)["trial_id"] == "a"  # c is faster but 6 points worse
+    assert choose(rows, base, 10.0)["trial_id"] == "c"
+    with pytest.raises(NoCandidateError, match=r"no candidate keeps validation accuracy >= 0.9100.*best candidates: a: val accuracy 0.9000"):
+        choose(rows[:1] + rows[2:], {"val_accuracy": 0.91, "val_macro_f1": 0.99}, 0.0)
+
+
+def test_clear_input_errors(tiny_encoder, tiny_classifier, sample_data, tmp_path):
+    with pytest.raises(InputError, match="not a fine-tuned classifier"):
+        check_inputs(CompressConfig(model=tiny_encoder, data=sample_data, out=tmp_path / "o"))
+    no_val = tmp_path / "noval"
+    no_val.mkdir()
+    for f in ("train.parquet", "test.parquet", "manifest.json", "labels.json"):
+        (no_val / f).write_bytes((sample_data / f).read_bytes())
+    with pytest.raises(InputError, match="has no validation split"):
+        check_inputs(CompressConfig(model=tiny_classifier, data=no_val, out=tmp_path / "o"))
+
+
+FAST_SPACE = {"distill_epochs": [1], "recovery_steps": [0, 10], "prune_heads": [0.0, 0.5], "prune_ffn": [0.0, 0.5]}
+POINT = {"distill_layers": 1, "distill_epochs": 1, "temperature": 2.0, "alpha": 0.5, "lr": 3e-4, "prune_heads": 0.0,
+         "prune_ffn": 0.0, "importance": "taylor", "recovery_steps": 0, "trim_vocab": True, "quantize": "onnx-int8"}
+
+
+@pytest.mark.integration
+def test_search_survives_a_failing_trial_and_writes_the_choice(ray_session, tiny_classifier, sample_data, tmp_path):
+    out = tmp_path / "compress"
+    cfg = CompressConfig(
+        model=tiny_classifier, data=sample_data, out=out, trials=3, train_limit=200, max_accuracy_drop=100,
+        search=FAST_SPACE,
+        initial_points=[{**POINT, "distill_layers": 7},  # a 2-layer model has no 7 layers: this trial raises
+                        POINT, {**POINT, "distill_layers": 0, "trim_vocab": False, "quantize": "torch-int8"}])
+    main(cfg)
+    for f in ("chosen/metrics.json", "chosen/manifest.json", "chosen/slimray_model.json", "report.md", "pareto.png"):
+        assert (out / f).stat().st_size > 0, f
+    metrics = json.loads((out / "chosen" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "latency_ms_b1", "latency_ms_b32", "size_mb", "speedup_b1",
+                "size_reduction", "accuracy_drop_pts"):
+        assert isinstance(metrics[key], float), key
+    assert set(metrics["base"]) >= {"accuracy", "macro_f1", "latency_ms_b1", "latency_ms_b32", "size_mb"}
+    assert metrics["trials"] == {"finished": 2, "total": 3}
+    report = (out / "report.md").read_text()
+    assert "error" in report and "cannot keep 7 of 2 layers" in report and "**chosen**" in report
+    assert load_inference_model(out / "chosen").labels == json.loads((sample_data / "labels.json").read_text())
+
+
+@pytest.mark.integration
+def test_a_killed_search_resumes(isolated_network, tiny_classifier, sample_data, tmp_path):
+    out = tmp_path / "compress"
+    args = [sys.executable, "-m", "tuning.compress", "--model", str(tiny_classifier), "--data", str(sample_data),
+            "--out", str(out), "--trials", "3", "--train-limit", "200", "--max-accuracy-drop", "100",
+            "--trial-cpus", "2", "--set", f"search={json.dumps(FAST_SPACE)}",
+            "--set", f"initial_points={json.dumps([POINT, {**POINT, 'quantize': 'none'}, {**POINT, 'trim_vocab': False}])}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:  # kill the whole process group once the first candidate is saved
+        deadline = time.time() + 300
+        while not list(out.glob("search/*/slimray_model.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        first = list(out.glob("search/*/slimray_model.json"))
+        assert first, "no trial finished before the deadline"
+        time.sleep(3)  # let Tune write the trial's result to its experiment state
+    finally:
+        subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)
+        proc.wait()
+    assert not (out / "chosen").exists()
+    stamp = first[0].stat().st_mtime
+    main(CompressConfig(model=tiny_classifier, data=sample_data, out=out, trials=3, train_limit=200,
+                        max_accuracy_drop=100, trial_cpus=2, search=FAST_SPACE))
+    assert (out / "chosen" / "metrics.json").is_file()
+    assert first[0].stat().st_mtime == stamp, "the finished trial was rebuilt instead of resumed"
+    assert json.loads((out / "chosen" / "metrics.json").read_text())["trials"]["total"] == 3

@@ -1,0 +1,69 @@
+"""The measurement protocol every candidate and the base model go through, in the same run.
+
+Latency: real texts from the test split, tokenization excluded (inputs are tokenized up front), padding to
+the longest text in each batch, ``threads`` intra-op threads (1 by default), a warm-up, then the median of
+repeated timed passes, at batch 1 and batch 32. Size: bytes of the weight files (MB = 10^6 bytes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs.inference import InferenceModel, load_inference_model
+
+WEIGHT_FILES = ("model.safetensors", "model_int8.pt", "model.onnx", "pytorch_model.bin")
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum((Path(model_dir) / f).stat().st_size for f in WEIGHT_FILES if (Path(model_dir) / f).is_file())
+
+
+def latency_ms(model: InferenceModel, texts: Sequence[str], batch_size: int, warmup: int = 3,
+               repeats: int = 5, max_batches: int = 20) -> float:
+    """Median milliseconds per batch of ``batch_size`` over repeated passes through pre-tokenized batches."""
+    batches = [model.encode(texts[i:i + batch_size]) for i in range(0, len(texts) - batch_size + 1, batch_size)]
+    batches = batches[:max_batches]
+    if not batches:
+        raise ValueError(f"need at least {batch_size} texts to time batch {batch_size}, got {len(texts)}")
+    for _ in range(warmup):
+        model.forward(batches[0])
+    per_pass = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for batch in batches:
+            model.forward(batch)
+        per_pass.append((time.perf_counter() - t0) / len(batches))
+    return 1000 * statistics.median(per_pass)
+
+
+def accuracy_f1(model: InferenceModel, texts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    name_to_id = {n: i for i, n in enumerate(model.labels)}
+    y_true = np.array([name_to_id[n] for n in labels])
+    y_pred = model.logits(list(texts), batch_size=64).argmax(-1)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true.tolist())), average="macro",
+                                       zero_division=0))}
+
+
+def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,
+            eval_sets: dict[str, tuple[Sequence[str], Sequence[str]]] | None = None,
+            repeats: int = 5) -> dict[str, Any]:
+    """Accuracy/macro-F1 on each eval set, batch-1 and batch-32 latency, and size of one artifact."""
+    model = load_inference_model(model_dir, threads=threads)
+    out: dict[str, Any] = {
+        "latency_ms_b1": latency_ms(model, latency_texts, 1, repeats=repeats),
+        "latency_ms_b32": latency_ms(model, latency_texts, 32, repeats=repeats, max_batches=4),
+        "size_mb": weight_bytes(model_dir) / 1e6,
+        "backend": model.backend,
+    }
+    for name, (texts, labels) in (eval_sets or {}).items():
+        scores = accuracy_f1(model, texts, labels)
+        out[f"{name}_accuracy"], out[f"{name}_macro_f1"] = scores["accuracy"], scores["macro_f1"]
+    return out
