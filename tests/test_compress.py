@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,7 +125,7 @@ def test_search_survives_a_failing_trial_and_writes_the_choice(ray_session, tiny
     out = tmp_path / "compress"
     cfg = CompressConfig(
         model=tiny_classifier, data=sample_data, out=out, trials=3, train_limit=200, max_accuracy_drop=100,
-        search=FAST_SPACE,
+        search={**FAST_SPACE, "distill_layers": [0, 1, 7]},
         initial_points=[{**POINT, "distill_layers": 7},  # a 2-layer model has no 7 layers: this trial raises
                         POINT, {**POINT, "distill_layers": 0, "trim_vocab": False, "quantize": "torch-int8"}])
     main(cfg)
@@ -143,26 +145,33 @@ def test_search_survives_a_failing_trial_and_writes_the_choice(ray_session, tiny
 @pytest.mark.integration
 def test_a_killed_search_resumes(isolated_network, tiny_classifier, sample_data, tmp_path):
     out = tmp_path / "compress"
+    space = {**FAST_SPACE, "distill_epochs": [1, 3]}
+    fast = {**POINT, "distill_layers": 0, "trim_vocab": False}  # quantize only: done in seconds
+    slow = {**POINT, "distill_epochs": 3}
     args = [sys.executable, "-m", "tuning.compress", "--model", str(tiny_classifier), "--data", str(sample_data),
             "--out", str(out), "--trials", "3", "--train-limit", "200", "--max-accuracy-drop", "100",
-            "--trial-cpus", "2", "--set", f"search={json.dumps(FAST_SPACE)}",
-            "--set", f"initial_points={json.dumps([POINT, {**POINT, 'quantize': 'none'}, {**POINT, 'trim_vocab': False}])}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            "--trial-cpus", "2", "--set", f"search={json.dumps(space)}",
+            "--set", f"initial_points={json.dumps([fast, slow, {**slow, 'quantize': 'none'}])}"]
+    # Tune saves its experiment state every second here, so a finished trial is on disk when we kill.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    try:  # kill the whole process group once the first candidate is saved
-        deadline = time.time() + 300
-        while not list(out.glob("search/*/slimray_model.json")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-        first = list(out.glob("search/*/slimray_model.json"))
-        assert first, "no trial finished before the deadline"
-        time.sleep(3)  # let Tune write the trial's result to its experiment state
+    try:  # kill the whole process group once the state records a finished trial
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            states = list(out.glob("tune/experiment_state*.json"))
+            if states and "TERMINATED" in states[0].read_text():
+                break
+            time.sleep(0.5)
     finally:
-        subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)
+        os.killpg(proc.pid, signal.SIGKILL)  # the search's driver and the Ray cluster it started
         proc.wait()
-    assert not (out / "chosen").exists()
+    assert not (out / "chosen").exists(), f"the search finished before it could be killed ({list(out.glob('tune/*'))})"
+    first = list(out.glob("search/*/slimray_model.json"))
+    assert len(first) == 1, first
     stamp = first[0].stat().st_mtime
     main(CompressConfig(model=tiny_classifier, data=sample_data, out=out, trials=3, train_limit=200,
-                        max_accuracy_drop=100, trial_cpus=2, search=FAST_SPACE))
+                        max_accuracy_drop=100, trial_cpus=2, search=space))
     assert (out / "chosen" / "metrics.json").is_file()
     assert first[0].stat().st_mtime == stamp, "the finished trial was rebuilt instead of resumed"
-    assert json.loads((out / "chosen" / "metrics.json").read_text())["trials"]["total"] == 3
+    assert json.loads((out / "chosen" / "metrics.json").read_text())["trials"] == {"finished": 3, "total": 3}

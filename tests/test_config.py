@@ -8,18 +8,20 @@ from jobs.evaluate import EvaluateConfig
 from jobs.finetune import FinetuneConfig
 from jobs.predict import PredictConfig
 from jobs.prepare import PrepareConfig
+from tuning.compress import CompressConfig
 
 REPO = Path(__file__).resolve().parent.parent
 # Every YAML config in the repo names its schema by file-name prefix.
-SCHEMAS = {"prepare": PrepareConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
+SCHEMAS = {"prepare": PrepareConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "predict": PredictConfig,
+           "compress": CompressConfig}
 
 
 def config_files():
-    return sorted(p for p in (REPO / "jobs" / "configs").glob("*.yaml"))
+    return sorted(REPO.glob("*/configs/*.yaml"))
 
 
 def test_there_are_config_files():
-    assert len(config_files()) >= 3
+    assert len(config_files()) >= 4
 
 
 @pytest.mark.parametrize("path", config_files(), ids=lambda p: p.name)

@@ -331,7 +331,10 @@ def main(cfg: CompressConfig) -> Path:
                                         max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)),
                                         time_budget_s=cfg.time_budget_s),
             run_config=tune.RunConfig(name="tune", storage_path=str(out),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                      # Copy the experiment state to OUT often (default: every 5 min), so a
+                                      # killed search resumes without redoing finished trials.
+                                      sync_config=tune.SyncConfig(sync_period=5)),
         )
     grid = tuner.fit()
 
