@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     torch_extensions_dir: Path = Field(
         default=Path.home() / ".cache" / "slimray" / "torch_extensions",
         description="Cache for DeepSpeed's compiled ops, shared by every worker so each op compiles once.",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the serving API requires on /v1 routes (read by the ingress replica); "
+        "empty: no auth.",
     )
 
 

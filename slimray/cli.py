@@ -22,6 +22,7 @@ STAGES = {
     "evaluate": ("jobs.evaluate", "Score a model artifact on a prepared split; print a classification report."),
     "predict": ("jobs.predict", "Label every text of a file with a model, through Ray Data."),
     "compress": ("tuning.compress", "Search distillation/pruning/trimming/int8 with Ray Tune; choose on the Pareto front."),
+    "serve": ("serve_app.run", "Serve a model over HTTP: FastAPI assistant -> batched, autoscaling Ray Serve replicas."),
 }
 
 

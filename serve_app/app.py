@@ -1,0 +1,268 @@
+"""The Serve graph: one FastAPI ingress that also runs the assistant, and one model deployment per version.
+
+    HTTP -> Ingress (validation, auth, canary split, playbook, hand-off) -> Model / CanaryModel (batched)
+
+``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``).
+Live knobs come through ``user_config``: ``RoutingKnobs`` for the ingress (canary fraction, hand-off
+threshold override), ``BatchKnobs`` for each model deployment (batch size, batch wait). Replica counts,
+autoscaling and resources live in ``serve_config.yaml``; the decorators only set what the code needs.
+"""
+
+import asyncio
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, SecretStr
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from cluster.settings import get_settings
+from jobs.config import StageConfig
+from jobs.errors import InputError
+from serve_app.api import Classification, Limits, ModelUnavailable, make_api
+from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook
+
+log = logging.getLogger("slimray.serve")
+
+INGRESS, MODEL, CANARY = "Ingress", "Model", "CanaryModel"
+
+
+class BatchKnobs(StageConfig):
+    """Live knobs of a model deployment (its ``user_config``)."""
+
+    max_batch_size: int = Field(default=64, ge=1, le=512, description="Most texts in one forward pass "
+                                "(requests with more texts are split); keep <= max_ongoing_requests")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="Seconds a batch waits to fill "
+                                        "after its first text; at low load every request pays it")
+
+
+class RoutingKnobs(StageConfig):
+    """Live knobs of the ingress (its ``user_config``)."""
+
+    canary_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of requests the canary version "
+                                   "answers (ignored without a canary)")
+    handoff_threshold: float | None = Field(default=None, ge=0, le=1, description="Override of every version's "
+                                            "calibrated hand-off threshold; null uses the calibration")
+
+
+class AppArgs(StageConfig):
+    """Arguments of ``build_app``: which model versions to serve and how the assistant behaves."""
+
+    model: str = Field(description="Model artifact folder of the primary version (fine-tuned or compressed; "
+                       "any backend jobs.inference loads)")
+    version: str | None = Field(default=None, description="Name of the primary version (default: folder name)")
+    canary_model: str | None = Field(default=None, description="Model folder of a second version that gets "
+                                     "routing.canary_fraction of the traffic")
+    canary_version: str | None = Field(default=None, description="Name of the canary version (default: folder name)")
+    data: str | None = Field(default=None, description="Prepared data folder: calibrates, on its validation split, "
+                             "a version that has no calibration.json")
+    target_precision: float = Field(default=0.9, gt=0, le=1, description="Precision the automatic answers must "
+                                    "reach when calibrating here")
+    default_threshold: float = Field(default=0.5, ge=0, le=1, description="Hand-off threshold of a version with "
+                                     "no calibration.json when no data folder is given")
+    playbook: str | None = Field(default=None, description="Playbook YAML (default: playbook.yaml in the model "
+                                 "folder or in its training data's source folder; else generated replies)")
+    threads: int = Field(default=1, ge=1, description="torch (or ONNX Runtime) threads per model replica")
+    max_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify request")
+    max_chars: int = Field(default=1000, ge=1, description="Longest text accepted, in characters")
+    max_top_k: int = Field(default=5, ge=1, description="Largest top_k a request may ask for")
+    retries: int = Field(default=3, ge=0, description="Retries of a model call whose replica died (requests "
+                         "are idempotent)")
+    routing: RoutingKnobs = Field(default_factory=RoutingKnobs, description="Initial ingress knobs "
+                                  "(a user_config in the Serve YAML replaces them)")
+    batching: BatchKnobs = Field(default_factory=BatchKnobs, description="Initial model knobs "
+                                 "(a user_config in the Serve YAML replaces them)")
+    api_token: SecretStr | None = Field(default=None, description="Bearer token for /v1 routes; prefer the "
+                                        "SLIMRAY_API_TOKEN setting (flags show in the process list, YAML in git)")
+
+
+def _texts_in(chunks: list[list[str]]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+@serve.deployment(name=MODEL, max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
+class ModelServer:
+    """One model version: tokenization and forward pass, batched across requests by ``@serve.batch``."""
+
+    def __init__(self, model_dir: str, version: str, threads: int, max_top_k: int):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool fights torch's
+        from jobs.inference import load_inference_model
+
+        self.model = load_inference_model(model_dir, threads=threads)
+        self.version, self.threads, self.max_top_k = version, threads, max_top_k
+        self.labels = np.array(self.model.labels, dtype=object)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.knobs = BatchKnobs()
+        self.model.logits(["warm-up"])  # first forward allocates; keep it off the first request
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.knobs = BatchKnobs.model_validate(user_config or {})
+        self._batched.set_max_batch_size(self.knobs.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.knobs.batch_wait_timeout_s)
+
+    async def classify(self, texts: list[str]) -> tuple[list[list[tuple[str, float]]], str]:
+        """Top labels with probabilities per text, best first; and this replica's id."""
+        size = self.knobs.max_batch_size
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+        parts = await asyncio.gather(*(self._batched(chunk) for chunk in chunks))
+        return [top for part in parts for top in part], self.replica
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, batch_size_fn=_texts_in)
+    async def _batched(self, chunks: list[list[str]]) -> list[list[list[tuple[str, float]]]]:
+        flat = [text for chunk in chunks for text in chunk]
+        top = await asyncio.to_thread(self._top, flat)  # the loop keeps queueing the next batch meanwhile
+        out, start = [], 0
+        for chunk in chunks:
+            out.append(top[start:start + len(chunk)])
+            start += len(chunk)
+        return out
+
+    def _top(self, texts: list[str]) -> list[list[tuple[str, float]]]:
+        from jobs.inference import softmax
+
+        probs = softmax(self.model.logits(texts, batch_size=len(texts)))  # (B, labels)
+        idx = np.argsort(-probs, axis=1)[:, :self.max_top_k]  # (B, k)
+        return [list(zip(self.labels[row].tolist(), probs[i, row].astype(float).tolist()))
+                for i, row in enumerate(idx)]
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.model.backend, "labels": len(self.labels), "max_length": self.model.max_length,
+                "threads": self.threads, "replica": self.replica,
+                "batching": self.knobs.model_dump()}
+
+
+@serve.deployment(name=INGRESS, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.2})
+@serve.ingress()
+class Ingress:
+    """HTTP ingress and assistant: routes each request to a version, then applies the playbook."""
+
+    def __init__(self, primary: DeploymentHandle, canary: DeploymentHandle | None, versions: list[dict[str, Any]],
+                 playbook: dict[str, Any], playbook_source: str, limits: dict[str, int], retries: int,
+                 api_token: str | None):
+        from ray.serve.metrics import Counter
+
+        self.handles = [primary] + ([canary] if canary is not None else [])
+        self.versions, self.retries = versions, retries
+        self.playbook, self.playbook_source = Playbook.model_validate(playbook), playbook_source
+        self.limits = Limits(**limits)
+        self.api_token = api_token
+        self.knobs = RoutingKnobs()
+        self.intents = Counter("slimray_intents", description="Assist answers per intent and model version",
+                               tag_keys=("intent", "model_version"))
+        self.handoffs = Counter("slimray_handoffs", description="Hand-offs to a human per reason and model version",
+                                tag_keys=("reason", "model_version"))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.knobs = RoutingKnobs.model_validate(user_config or {})
+
+    def __serve_build_asgi_app__(self):
+        return make_api(self, self.playbook, self.limits, self.api_token, self._count)
+
+    def _count(self, decision: Decision, version: str) -> None:
+        self.intents.inc(tags={"intent": decision.intent, "model_version": version})
+        if decision.handoff:
+            self.handoffs.inc(tags={"reason": decision.handoff_reason or "", "model_version": version})
+
+    async def classify(self, texts: list[str]) -> Classification:
+        """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
+        import ray.exceptions
+
+        i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
+        error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                top, replica = await self.handles[i].classify.remote(texts)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                error = e
+                log.warning("model %s replica failed (attempt %d): %s", self.versions[i]["version"], attempt + 1,
+                            type(e).__name__)
+                await asyncio.sleep(0.1 * 2 ** attempt)
+        else:
+            raise ModelUnavailable(f"{self.versions[i]['version']}: {type(error).__name__}")
+        threshold = self.knobs.handoff_threshold
+        if threshold is None:
+            threshold = self.versions[i]["calibration"]["threshold"]
+        return Classification(version=self.versions[i]["version"], threshold=threshold, top=top, replica=replica)
+
+    async def describe(self) -> dict[str, Any]:
+        """Backend.describe: every version with its live state, the routing knobs and the playbook."""
+        infos = await asyncio.gather(*(h.info.remote() for h in self.handles))
+        fractions = [1.0] if len(self.handles) == 1 else [1 - self.knobs.canary_fraction, self.knobs.canary_fraction]
+        return {
+            "versions": [{**v, **info, "traffic_fraction": f,
+                          "handoff_threshold": v["calibration"]["threshold"] if self.knobs.handoff_threshold is None
+                          else self.knobs.handoff_threshold}
+                         for v, info, f in zip(self.versions, infos, fractions)],
+            "routing": self.knobs.model_dump(),
+            "playbook": {"source": self.playbook_source, "intents": sorted(self.playbook.intents)},
+            "limits": vars(self.limits),
+            "auth": self.api_token is not None,
+        }
+
+
+def resolve_calibration(model_dir: str, data: str | None, target_precision: float,
+                        default_threshold: float) -> dict[str, Any]:
+    """The version's stored calibration, else one computed on ``data``'s validation split, else the default;
+    ``source`` says which."""
+    from jobs.calibration import CALIBRATION_FILE, calibrate_handoff, read_calibration
+
+    stored = read_calibration(model_dir)
+    if stored is not None:
+        return {**stored, "source": f"stored ({CALIBRATION_FILE})"}
+    if data:
+        from jobs.inference import load_inference_model
+
+        calibration = calibrate_handoff(load_inference_model(model_dir), data, target_precision)
+        log.info("calibrated %s on %s: threshold %.3f (coverage %.3f)", model_dir, data,
+                 calibration["threshold"], calibration["coverage"])
+        return {**calibration, "source": "computed at start-up (validation split)"}
+    return {"threshold": default_threshold, "source": "default (no calibration.json, no data folder)"}
+
+
+def _version(model_dir: str, name: str | None, role: str, args: AppArgs) -> dict[str, Any]:
+    path = Path(model_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise InputError(f"{role} model folder {model_dir!r} does not exist")
+    return {"version": name or path.name, "role": role, "model_dir": str(path),
+            "calibration": resolve_calibration(str(path), args.data, args.target_precision, args.default_threshold)}
+
+
+def build_app(args: AppArgs) -> Application:
+    """The Serve application: Ingress bound to one model deployment per version.
+
+    ``serve deploy`` validates the YAML's ``args`` into ``AppArgs`` through this annotation (keep it a
+    real class: no ``from __future__ import annotations`` in this module).
+    """
+    return compose_app(args, {})
+
+
+def compose_app(args: AppArgs, options: dict[str, dict[str, Any]]) -> Application:
+    """``build_app`` with per-deployment ``.options()`` overrides, keyed by deployment name: what a Serve
+    YAML's ``deployments:`` entries hold (``slimray serve`` passes those of ``serve_config.yaml``)."""
+    versions = [_version(args.model, args.version, "primary", args)]
+    if args.canary_model:
+        versions.append(_version(args.canary_model, args.canary_version, "canary", args))
+        if versions[0]["version"] == versions[1]["version"]:
+            raise InputError(f"primary and canary are both called {versions[0]['version']!r}: set version "
+                             "or canary_version")
+    playbook_path = args.playbook or find_playbook(versions[0]["model_dir"])
+    playbook = load_playbook(playbook_path) if playbook_path else Playbook()
+    playbook_source = str(playbook_path) if playbook_path else "generated (no playbook found)"
+
+    def model(name: str, v: dict[str, Any]) -> Application:
+        chosen = {"name": name, "user_config": args.batching.model_dump(), **options.get(name, {})}
+        return ModelServer.options(**chosen).bind(v["model_dir"], v["version"], args.threads, args.max_top_k)
+
+    primary = model(MODEL, versions[0])
+    canary = model(CANARY, versions[1]) if len(versions) > 1 else None
+    limits = {"max_texts": args.max_texts, "max_chars": args.max_chars, "max_top_k": args.max_top_k}
+    secret = args.api_token or get_settings().api_token  # read where the app is built: driver or cluster
+    token = (secret.get_secret_value() if secret else "") or None  # empty: no auth (not an empty password)
+    return Ingress.options(**{"user_config": args.routing.model_dump(), **options.get(INGRESS, {})}).bind(
+        primary, canary, versions, playbook.model_dump(), playbook_source, limits, args.retries, token)

@@ -1,0 +1,573 @@
+"""Serving: calibration, playbook, the HTTP API (in-process, no Ray) and, marked integration, the real Serve
+graph with a small fine-tuned model (both versions, playbook replies, hand-off, canary split, live knobs,
+validation, auth, metrics, fuzzing, no texts in logs)."""
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.calibration import calibrate_handoff, choose_threshold, read_calibration, write_calibration
+from jobs.errors import InputError
+from serve_app.api import Classification, Limits, make_api
+from serve_app.app import CANARY, INGRESS, MODEL, AppArgs, BatchKnobs, RoutingKnobs
+from serve_app.assistant import (GENERATED_REPLY, Playbook, decide, find_playbook, load_playbook, render,
+                                 topic_of)
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "jobs" / "samples" / "harbor_bank"
+SERVE_CONFIG = REPO / "serve_app" / "serve_config.yaml"
+
+
+# --- calibration --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("conf, correct, target, expected", [
+    # precision of the top 1..4: 1, 1, .67, .75 -> answering everything already reaches 0.75
+    ([0.9, 0.8, 0.7, 0.6], [1, 1, 0, 1], 0.75, {"threshold": 0.0, "precision": 0.75, "coverage": 1.0}),
+    ([0.9, 0.8, 0.7, 0.6], [1, 1, 0, 1], 0.8, {"threshold": 0.8, "precision": 1.0, "coverage": 0.5}),
+    # 0.8 is tied: answering one 0.8 answers both, so the cut after the first 0.8 does not exist
+    ([0.9, 0.8, 0.8], [1, 1, 0], 0.9, {"threshold": 0.9, "precision": 1.0, "coverage": 1 / 3}),
+    ([0.9, 0.5], [0, 1], 0.9, {"threshold": 1.0, "precision": None, "coverage": 0.0}),
+])
+def test_choose_threshold_is_the_lowest_that_reaches_the_target(conf, correct, target, expected):
+    got = choose_threshold(np.array(conf), np.array(correct, dtype=bool), target)
+    assert got == pytest.approx(expected)
+
+
+class FakeScorer:
+    """Logits that make the model right exactly on texts starting with 'sure' and confident by length."""
+
+    labels = ["a", "b"]
+
+    def logits(self, texts, batch_size=64):
+        out = []
+        for t in texts:
+            strength = len(t) / 10  # longer text -> more confident
+            right = t.startswith("sure")
+            label = t.split(":")[1][0]
+            predicted = label if right else ("b" if label == "a" else "a")
+            out.append([strength, 0.0] if predicted == "a" else [0.0, strength])
+        return np.array(out)
+
+
+def _data_dir(tmp_path, rows):
+    d = tmp_path / "data"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}), d / "validation.parquet")
+    (d / "manifest.json").write_text("{}")
+    return d
+
+
+def test_calibrate_handoff_on_a_validation_split_and_store_it(tmp_path):
+    rows = [("sure:a" + "x" * 30, "a"), ("sure:b" + "x" * 20, "b"), ("nope:a" + "x" * 10, "a"), ("sure:b", "b")]
+    cal = calibrate_handoff(FakeScorer(), _data_dir(tmp_path, rows), target_precision=0.9)
+    # the two longest are right, the third is wrong: the threshold is the second's confidence
+    assert cal["coverage"] == 0.5 and cal["precision"] == 1.0 and cal["n"] == 4 and cal["accuracy"] == 0.75
+    second = 1 / (1 + np.exp(-len("sure:b" + "x" * 20) / 10))
+    assert cal["threshold"] == pytest.approx(second)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    assert read_calibration(model_dir) is None
+    write_calibration(model_dir, cal)
+    stored = read_calibration(model_dir)
+    assert stored["threshold"] == cal["threshold"] and "created_at" in stored
+
+
+def test_calibration_errors_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="no 'validation' split"):
+        calibrate_handoff(FakeScorer(), tmp_path)
+    with pytest.raises(InputError, match="labels the model does not know.*'zebra'"):
+        calibrate_handoff(FakeScorer(), _data_dir(tmp_path, [("sure:a", "zebra")]))
+    (tmp_path / "calibration.json").write_text(json.dumps({"threshold": 3}))
+    with pytest.raises(InputError, match="got 3"):
+        read_calibration(tmp_path)
+
+
+# --- playbook and the assistant's decision ------------------------------------------------------------------
+
+def test_sample_playbook_covers_every_sample_intent():
+    import pyarrow.csv as pacsv
+
+    playbook = load_playbook(SAMPLE / "playbook.yaml")
+    table = pacsv.read_csv(SAMPLE / "train.csv")
+    labels = set(table.column(next(c for c in table.column_names if c != "text")).to_pylist())
+    assert set(playbook.intents) == labels
+    assert playbook.intents["card_lost_or_stolen"].handoff is True
+
+
+def test_render_fills_known_slots_and_never_fails_on_unknown_ones():
+    assert render("Hi {customer_name}, {intent} ({confidence:.0%})", {"customer_name": "Sam", "intent": "x",
+                                                                      "confidence": 0.87}) == "Hi Sam, x (87%)"
+    assert render("Hi {customer_name}!", {}) == "Hi !"
+    assert render("{intent.__class__.__mro__} {0}", {"intent": "x"}) == " "  # no attribute/index lookups
+    assert render("{customer_name:.2f}", {"customer_name": "Sam"}) == "Sam"  # spec that does not fit: str()
+    assert render("{customer_name}", {"customer_name": "{intent}"}) == "{intent}"  # values are not templates
+
+
+def test_decide_low_confidence_policy_and_generated_replies():
+    playbook = Playbook.model_validate({"default": "A colleague will help, {customer_name}.", "intents": {
+        "lost": {"reply": "Card frozen ({intent}).", "handoff": True}, "fee": {"reply": "Free, {customer_name}."}}})
+    low = decide(playbook, "fee", 0.3, threshold=0.5, slots={"customer_name": "Sam"})
+    assert (low.handoff, low.handoff_reason, low.reply) == (True, "low_confidence", "A colleague will help, Sam.")
+    fee = decide(playbook, "fee", 0.9, threshold=0.5, slots={"customer_name": "Sam"})
+    assert (fee.handoff, fee.handoff_reason, fee.reply) == (False, None, "Free, Sam.")
+    lost = decide(playbook, "lost", 0.9, threshold=0.5)
+    assert (lost.handoff, lost.handoff_reason, lost.reply) == (True, "intent_policy", "Card frozen (lost).")
+    other = decide(playbook, "Refund_not_showing_up", 0.9, threshold=0.5)
+    assert other.reply == GENERATED_REPLY.format(topic="refund not showing up") and not other.handoff
+    assert topic_of("card_not_arrived") == "card not arrived"
+
+
+def test_playbook_errors_name_the_entry(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"intents": {"x": {"reply": "unclosed {brace"}}}))
+    with pytest.raises(InputError, match="intent 'x'.*bad template"):
+        load_playbook(bad)
+    bad.write_text(yaml.safe_dump({"default": "{0} {}"}))
+    with pytest.raises(InputError, match="default.*bad template"):
+        load_playbook(bad)
+    bad.write_text(yaml.safe_dump({"intents": {"x": {"reply": "ok", "handof": True}}}))
+    with pytest.raises(InputError, match="intents.x.handof"):
+        load_playbook(bad)
+
+
+def test_find_playbook_follows_lineage(tmp_path):
+    source, data, model = tmp_path / "src", tmp_path / "data", tmp_path / "model"
+    for d in (source, data, model):
+        d.mkdir()
+    assert find_playbook(model) is None
+    (data / "manifest.json").write_text(json.dumps({"source": str(source)}))
+    (model / "manifest.json").write_text(json.dumps({"data": str(data)}))
+    assert find_playbook(model) is None
+    (source / "playbook.yaml").write_text("intents: {}\n")
+    assert find_playbook(model) == source / "playbook.yaml"
+    (model / "playbook.yaml").write_text("intents: {}\n")
+    assert find_playbook(model) == model / "playbook.yaml"
+
+
+# --- the HTTP API in-process (no Ray) -----------------------------------------------------------------------
+
+class FakeBackend:
+    """Answers with a fixed ranking; records what it was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def classify(self, texts):
+        self.calls.append(texts)
+        return Classification(version="v-test", threshold=0.5,
+                              top=[[("fee", 0.9), ("lost", 0.06), ("other", 0.04)] for _ in texts], replica="r1")
+
+    async def describe(self):
+        return {"versions": [{"version": "v-test"}]}
+
+
+def _client(token=None, limits=Limits(max_texts=4, max_chars=50, max_top_k=3)):
+    backend = FakeBackend()
+    playbook = Playbook.model_validate({"intents": {"fee": {"reply": "Free, {customer_name}."}}})
+    decisions = []
+    api = make_api(backend, playbook, limits, token, lambda d, v: decisions.append((d, v)))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test")
+    return client, backend, decisions
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_api_classify_and_assist():
+    async def go():
+        client, backend, decisions = _client()
+        async with client:
+            r = await client.post("/v1/classify", json={"texts": ["a", "b"], "top_k": 2})
+            assert r.status_code == 200 and r.headers["x-model-version"] == "v-test"
+            body = r.json()
+            assert body["model_version"] == "v-test" and len(body["results"]) == 2
+            assert body["results"][0]["label"] == "fee" and len(body["results"][0]["top_k"]) == 2
+            r = await client.post("/v1/assist", json={"message": "fees?", "slots": {"customer_name": "Sam"}})
+            assert r.status_code == 200
+            assert r.json() | {"alternatives": None} == {
+                "intent": "fee", "confidence": 0.9, "reply": "Free, Sam.", "handoff": False, "handoff_reason": None,
+                "threshold": 0.5, "alternatives": None, "model_version": "v-test"}
+            assert len(r.json()["alternatives"]) == 3
+            assert [d.intent for d, _ in decisions] == ["fee"] and backend.calls == [["a", "b"], ["fees?"]]
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            assert (await client.get("/v1/models")).json()["versions"][0]["version"] == "v-test"
+            assert (await client.get("/openapi.json")).status_code == 200
+            assert (await client.get("/docs")).status_code == 200
+    _run(go())
+
+
+BAD_REQUESTS = [
+    ("/v1/classify", {"texts": []}, "texts", "at least 1"),
+    ("/v1/classify", {"texts": ["   \n\t"]}, "texts[0]", "empty or whitespace"),
+    ("/v1/classify", {"texts": [""]}, "texts[0]", "at least 1 character"),
+    ("/v1/classify", {"texts": ["x" * 51]}, "texts[0]", "at most 50 characters"),
+    ("/v1/classify", {"texts": ["x"] * 5}, "texts", "at most 4 items"),
+    ("/v1/classify", {"texts": "just one"}, "texts", "valid list"),
+    ("/v1/classify", {"texts": [1, 2]}, "texts[0]", "valid string"),
+    ("/v1/classify", {"texts": ["a"], "top_k": 9}, "top_k", "less than or equal to 3"),
+    ("/v1/classify", {"texts": ["a"], "top_k": "2"}, "top_k", "valid integer"),
+    ("/v1/classify", {"texts": ["a"], "extra": 1}, "extra", "not permitted"),
+    ("/v1/classify", {}, "texts", "required"),
+    ("/v1/assist", {"message": None}, "message", "valid string"),
+    ("/v1/assist", {"message": "hi", "slots": {"bad key": "x"}}, "slots", "pattern"),
+    ("/v1/assist", {"message": "hi", "slots": {"name": 3}}, "slots.name", "valid string"),
+]
+
+
+@pytest.mark.parametrize("path, body, field, message", BAD_REQUESTS,
+                         ids=[f"{p}-{f}-{m}" for p, _, f, m in BAD_REQUESTS])
+def test_api_rejects_bad_requests_with_a_json_4xx_that_says_what_is_wrong(path, body, field, message):
+    async def go():
+        client, backend, _ = _client()
+        async with client:
+            r = await client.post(path, json=body)
+        assert r.status_code == 422, r.text
+        detail = r.json()["details"]
+        assert r.json()["error"] == "invalid request"
+        assert any(d["field"].startswith(field) and message in d["message"] for d in detail), detail
+        assert backend.calls == []
+    _run(go())
+
+
+@pytest.mark.parametrize("content, content_type, status, message", [
+    (b'{"texts": ["a"', "application/json", 422, "malformed JSON"),
+    (b'{"texts": ["\\ud800"]}', "application/json", 422, "valid string"),  # lone surrogate
+    (b"texts=a", "application/x-www-form-urlencoded", 422, "valid dictionary"),
+    (b"", "application/json", 422, ""),
+    (b'{"texts": ["\xff"]}', "application/json", 400, "not UTF-8"),
+])
+def test_api_rejects_malformed_bodies(content, content_type, status, message):
+    async def go():
+        client, _, _ = _client()
+        async with client:
+            r = await client.post("/v1/classify", content=content, headers={"content-type": content_type})
+        assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+        assert message in json.dumps(r.json())
+    _run(go())
+
+
+def test_api_token_is_required_when_set():
+    async def go():
+        client, backend, _ = _client(token="s3cret")
+        async with client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                r = await client.post("/v1/classify", json={"texts": ["a"]}, headers=headers)
+                assert r.status_code == 401 and r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+            assert (await client.get("/v1/models")).status_code == 401
+            assert (await client.get("/healthz")).status_code == 200
+            r = await client.post("/v1/classify", json={"texts": ["a"]}, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and backend.calls == [["a"]]
+    _run(go())
+
+
+def fuzz_openapi(schema, max_examples: int) -> None:
+    """Valid and invalid requests generated from the OpenAPI schema: no 5xx, and every response (errors
+    included) has a declared status code, content type and body schema."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    strategy = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+
+    @given(case=strategy)
+    @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                       response_schema_conformance])
+
+    fuzz()
+
+
+def test_api_fuzzed_from_its_own_openapi_schema_never_answers_5xx():
+    import schemathesis
+
+    client, _, _ = _client()
+    fuzz_openapi(schemathesis.openapi.from_asgi("/openapi.json", client._transport.app), max_examples=150)
+
+
+# --- configs -------------------------------------------------------------------------------------------------
+
+def test_serve_config_yaml_validates_against_serve_schema_and_our_models():
+    from ray.serve.schema import ServeDeploySchema
+
+    text = SERVE_CONFIG.read_text()
+    assert text.startswith("# RAY_AUTH_MODE=token serve deploy serve_app/serve_config.yaml"), "open with its command"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    (app,) = config.applications
+    assert app.import_path == "serve_app.app:build_app"
+    AppArgs.model_validate(app.args)  # typed app args: the k8s RayService is generated from these
+    knobs = {INGRESS: RoutingKnobs, MODEL: BatchKnobs, CANARY: BatchKnobs}
+    names = [d.name for d in app.deployments]
+    assert set(names) <= set(knobs) and {INGRESS, MODEL} <= set(names)
+    for d in app.deployments:
+        if d.user_config is not None:
+            knobs[d.name].model_validate(d.user_config)
+    model = next(d for d in app.deployments if d.name == MODEL)
+    batch = BatchKnobs.model_validate(model.user_config).max_batch_size
+    assert model.max_ongoing_requests >= batch, "a replica must accept enough requests for a batch to fill"
+    assert model.autoscaling_config["look_back_period_s"] > 10, "must exceed the 10 s metrics push interval"
+
+
+def test_serve_stage_flags_and_cli_registration(tmp_path):
+    from jobs.config import parse_args
+    from serve_app.run import ServeConfig, app_from_serve_config
+    from slimray.cli import STAGES
+
+    assert STAGES["serve"][0] == "serve_app.run"
+    cfg = parse_args(ServeConfig, ["--model", "m", "--port", "8123", "--set", "routing.canary_fraction=0.2",
+                                   "--set", "batching.max_batch_size=8"], "t")
+    assert cfg.port == 8123 and cfg.routing.canary_fraction == 0.2 and cfg.batching.max_batch_size == 8
+    entry, options = app_from_serve_config(SERVE_CONFIG)
+    assert options[MODEL]["autoscaling_config"]["max_replicas"] >= 2
+    assert entry["name"] == "slimray"
+
+
+# --- the real Serve graph (integration) ---------------------------------------------------------------------
+
+PORT = 8000
+CLI_PORT = 8011
+
+
+def _get_ready(url: str, runner: threading.Thread, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and runner.is_alive():
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.mark.integration
+def test_slimray_serve_runs_the_yaml_app_on_the_embedded_cluster(ray_session, finetuned, sample_data):
+    """`slimray serve` end to end (in-process, on the session's cluster), with a bearer token; runs before the
+    graph fixture below starts, since it shuts Serve down when it stops."""
+    from serve_app.run import ServeConfig, main
+
+    cfg = ServeConfig(model=str(finetuned), data=str(sample_data), port=CLI_PORT, run_for_s=10,
+                      api_token="s3cret-token")
+    runner = threading.Thread(target=main, args=(cfg,), daemon=True)
+    runner.start()
+    url = f"http://127.0.0.1:{CLI_PORT}"
+    _get_ready(url + "/healthz", runner)
+    assert httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, timeout=30).status_code == 401
+    assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+    auth = {"Authorization": "Bearer s3cret-token"}
+    r = httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["model_version"] == Path(finetuned).name
+    models = httpx.get(url + "/v1/models", headers=auth, timeout=30).json()
+    (version,) = models["versions"]
+    assert version["calibration"]["source"].startswith("computed") and version["calibration"]["split"] == "validation"
+    assert version["batching"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}  # the YAML's user_config
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+
+
+@pytest.fixture(scope="module")
+def graph(ray_session, finetuned, sample_data, tmp_path_factory):
+    """The graph with two versions: v1 (the fine-tuned model, calibrated at start-up on the sample's
+    validation split) and v2 (a copy whose stored calibration never hands off for low confidence)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve_app.app import compose_app
+
+    canary = tmp_path_factory.mktemp("canary") / "model"
+    shutil.copytree(finetuned, canary)
+    write_calibration(canary, {"threshold": 0.0, "source_note": "test version: confident about everything"})
+    base = {"model": str(finetuned), "version": "v1", "canary_model": str(canary), "canary_version": "v2",
+            "data": str(sample_data), "max_texts": 8, "max_chars": 200, "routing": {"canary_fraction": 0.25}}
+
+    def deploy(**changes):
+        serve.run(compose_app(AppArgs.model_validate({**base, **changes}), {}), name="slimray", route_prefix="/")
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    deploy()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{PORT}", deploy=deploy)
+    serve.shutdown()
+
+
+def _sample_messages(n: int) -> list[str]:
+    import pyarrow.csv as pacsv
+
+    texts = pacsv.read_csv(SAMPLE / "test.csv").column("text").to_pylist()
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+async def _post_all(url: str, path: str, bodies: list[dict], concurrency: int = 16, headers=None) -> list:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as client:
+        async def one(body):
+            async with sem:
+                return await client.post(path, json=body)
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+@pytest.mark.integration
+def test_graph_classifies_and_describes_both_versions(graph):
+    texts = _sample_messages(3)
+    r = httpx.post(graph.url + "/v1/classify", json={"texts": texts, "top_k": 4}, timeout=30)
+    assert r.status_code == 200, r.text
+    labels = set(load_playbook(SAMPLE / "playbook.yaml").intents)
+    results = r.json()["results"]
+    assert len(results) == 3 and r.json()["model_version"] in ("v1", "v2")
+    for res in results:
+        scores = [t["score"] for t in res["top_k"]]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+        assert res["label"] == res["top_k"][0]["label"] and {t["label"] for t in res["top_k"]} <= labels
+    models = httpx.get(graph.url + "/v1/models", timeout=30).json()
+    v1, v2 = models["versions"]
+    assert (v1["version"], v1["role"], v1["traffic_fraction"]) == ("v1", "primary", 0.75)
+    assert (v2["version"], v2["role"], v2["traffic_fraction"]) == ("v2", "canary", 0.25)
+    assert v1["calibration"]["source"].startswith("computed") and 0 <= v1["calibration"]["threshold"] <= 1
+    assert v1["calibration"]["target_precision"] == 0.9 and v1["calibration"]["n"] > 0
+    assert v2["calibration"]["source"].startswith("stored") and v2["handoff_threshold"] == 0.0
+    assert v1["backend"] == "torch" and v1["labels"] == len(labels)
+    assert models["playbook"]["source"] == str(SAMPLE / "playbook.yaml")  # found through the model's lineage
+
+
+@pytest.mark.integration
+def test_graph_assist_honours_canary_fraction_playbook_and_handoff(graph):
+    n = 240
+    bodies = [{"message": m, "slots": {"customer_name": "Sam"}} for m in _sample_messages(n)]
+    responses = asyncio.run(_post_all(graph.url, "/v1/assist", bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:3]
+    answers = [r.json() for r in responses]
+    assert all(r.headers["x-model-version"] == a["model_version"] for r, a in zip(responses, answers))
+    canary = sum(a["model_version"] == "v2" for a in answers)
+    # Binomial(240, 0.25): mean 60, sd 6.7; 4 sd either side. 0.5 or 0 would be far outside.
+    assert 33 <= canary <= 87, canary
+    playbook = load_playbook(SAMPLE / "playbook.yaml")
+    v1_threshold = answers[[a["model_version"] for a in answers].index("v1")]["threshold"]
+    for a in answers:
+        entry = playbook.intents[a["intent"]]
+        if a["model_version"] == "v2":  # threshold 0: the playbook answers, and hands off only by policy
+            assert a["threshold"] == 0.0 and a["reply"] == entry.reply.replace("{intent}", a["intent"])
+            assert (a["handoff"], a["handoff_reason"]) == (entry.handoff, "intent_policy" if entry.handoff else None)
+        else:
+            assert a["threshold"] == v1_threshold
+            low = a["confidence"] < v1_threshold
+            assert a["handoff"] == (low or entry.handoff)
+            if low:
+                assert a["handoff_reason"] == "low_confidence" and a["reply"] == playbook.default
+
+
+def _serve_deploy(config: dict, path: Path) -> None:
+    """`serve deploy` of a Serve config, as on a running cluster (same namespace, token auth)."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    path.write_text(yaml.safe_dump(config))
+    dashboard = "http://" + ray._private.worker._global_node.webui_url
+    serve_cli = Path(sys.executable).parent / "serve"
+    done = subprocess.run([str(serve_cli), "deploy", str(path), "--address", dashboard], capture_output=True, text=True,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _wait_for(url: str, predicate, timeout_s: float = 120):
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=10)
+            if last.status_code == 200 and predicate(last.json()):
+                return last.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}: {last.text[:500] if last is not None else 'no answer'}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("body, field", [
+    ({"texts": []}, "texts"), ({"texts": ["  "]}, "texts[0]"), ({"texts": ["x" * 201]}, "texts[0]"),
+    ({"texts": ["a"] * 9}, "texts"), ({"texts": [3]}, "texts[0]"), ({"message": "hi"}, "texts"),
+])
+def test_graph_rejects_bad_requests_with_a_json_4xx(graph, body, field):
+    r = httpx.post(graph.url + "/v1/classify", json=body, timeout=30)
+    assert r.status_code == 422 and any(d["field"] == field for d in r.json()["details"]), r.text
+    r = httpx.post(graph.url + "/v1/assist", content=b'{"message": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "malformed JSON" in r.json()["details"][0]["message"]
+
+
+@pytest.mark.integration
+def test_graph_fuzzed_from_openapi_never_answers_5xx(graph):
+    import schemathesis
+
+    fuzz_openapi(schemathesis.openapi.from_url(graph.url + "/openapi.json"), max_examples=120)
+
+
+@pytest.mark.integration
+def test_graph_exports_metrics_and_never_logs_request_texts(graph):
+    import ray
+
+    from serve_app.run import metrics_port
+
+    secret = f"zq-{uuid.uuid4().hex}"  # a text that must appear in no log
+    answers = [httpx.post(graph.url + "/v1/assist", json={"message": f"my card {secret} was stolen"}, timeout=30)
+               for _ in range(3)]
+    assert all(a.status_code == 200 for a in answers)
+    expected = ["slimray_intents", "serve_num_http_requests", "serve_deployment_processing_latency_ms"]
+    expected += ["slimray_handoffs"] if any(a.json()["handoff"] for a in answers) else []
+    assert httpx.post(graph.url + "/v1/classify", json={"texts": [secret]}, timeout=30).status_code == 200
+    url = f"http://127.0.0.1:{metrics_port()}/metrics"
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # replicas push metrics to the node's agent every few seconds
+        text = httpx.get(url, timeout=10).text
+        if all(name in text for name in expected):
+            break
+        time.sleep(2)
+    assert [name for name in expected if name not in text] == []
+    assert 'model_version="v' in text
+    time.sleep(2)  # let log writers flush
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [p for p in logs.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+@pytest.mark.integration
+def test_serve_deploy_of_the_repo_yaml_then_live_knobs_without_restart(graph, finetuned, sample_data, tmp_path):
+    """The repo's Serve YAML (model paths swapped for the test model's) deploys with `serve deploy`; a second
+    deploy that changes only user_config reconfigures the running replicas in place. Last: it replaces the
+    graph fixture's app."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": PORT}  # Serve already runs here; keep it as is
+    (app,) = config["applications"]
+    app["args"].update(model=str(finetuned), data=str(sample_data), version="yaml-v1")
+    _serve_deploy(config, tmp_path / "serve.yaml")
+    models_url = graph.url + "/v1/models"
+    before = _wait_for(models_url, lambda m: m["versions"][0]["version"] == "yaml-v1" and len(m["versions"]) == 1)
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert before["versions"][0]["batching"] == deployments[MODEL]["user_config"]
+    deployments[INGRESS]["user_config"] = {"canary_fraction": 0.0, "handoff_threshold": 1.0}
+    deployments[MODEL]["user_config"] = {"max_batch_size": 3, "batch_wait_timeout_s": 0.01}
+    _serve_deploy(config, tmp_path / "serve.yaml")
+    after = _wait_for(models_url, lambda m: m["routing"]["handoff_threshold"] == 1.0
+                      and m["versions"][0]["batching"]["max_batch_size"] == 3)
+    assert after["versions"][0]["replica"] == before["versions"][0]["replica"]  # reconfigured, not restarted
+    answers = [r.json() for r in asyncio.run(_post_all(graph.url, "/v1/assist",
+                                                      [{"message": m} for m in _sample_messages(10)]))]
+    assert all(a["handoff_reason"] == "low_confidence" and a["threshold"] == 1.0 for a in answers)
+    r = httpx.post(graph.url + "/v1/classify", json={"texts": _sample_messages(8)}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["results"]) == 8  # 8 texts through batches of 3
