@@ -82,11 +82,6 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def label_names_of(model: Any) -> list[str]:
-    id2label = model.config.id2label
-    return [id2label[i] for i in range(len(id2label))]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Structured shapes: a pruned BERT-family encoder has per-layer head counts and FFN widths that no plain
 # config describes. Pruning (tuning/) and loading (here) share these helpers.
