@@ -79,7 +79,7 @@ class FinetuneConfig(StageConfig):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps with linear warm-up; "
                                 "linear decay to 0 after")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clipping")
-    max_length: int | None = Field(default=None, ge=8, description="Token limit (default: chosen by prepare "
+    max_length: int | None = Field(default=None, ge=8, le=512, description="Token limit (default: chosen by prepare "
                                    "from the data)")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate on validation every N steps "
                                    "(always at each epoch end)")
@@ -473,8 +473,6 @@ def main(cfg: FinetuneConfig) -> Path:
     data_manifest = load_prepared(data_dir)
     get_task(data_manifest["task"])
     resolve_model(cfg.model)  # a bad model path fails here, before any worker starts
-    if cfg.zero_stage == 3 and cfg.max_length and cfg.max_length > 512:
-        raise InputError(f"max_length {cfg.max_length} exceeds 512 tokens")
     paths = {s: str(data_dir / f"{s}.parquet") for s in ("train", "validation", "test")
              if (data_dir / f"{s}.parquet").is_file()}
     if "validation" not in paths:
@@ -493,8 +491,7 @@ def main(cfg: FinetuneConfig) -> Path:
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.read_parquet(paths["train"]).select_columns(["text", "label_id"]).materialize()
     name = run_name(cfg)
-    storage = absolute_storage_path(Path(settings.storage_root) / "ray_train") if "://" not in settings.storage_root \
-        else settings.storage_root.rstrip("/") + "/ray_train"
+    storage = absolute_storage_path(settings.storage_root.rstrip("/") + "/ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": data_info},

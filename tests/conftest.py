@@ -3,6 +3,7 @@ network namespace (tests/run.sh arranges it), so that Ray's listeners stay on 12
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def tiny_classifier(tiny_encoder, sample_data, tmp_path_factory) -> Path:
     from jobs.modeling import load_pretrained_for_training
     from tuning.methods import Context, kd_train
 
-    labels = [line for line in __import__("json").loads((sample_data / "labels.json").read_text())]
+    labels = json.loads((sample_data / "labels.json").read_text())
     train = pq.read_table(sample_data / "train.parquet")
     val = pq.read_table(sample_data / "validation.parquet")
     model = load_pretrained_for_training(str(tiny_encoder), labels, "AutoModelForSequenceClassification")

@@ -228,8 +228,7 @@ def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
             "importance": space.importance[0], "recovery_steps": 0, "trim_vocab": False,
             "quantize": "onnx-int8" if "onnx-int8" in space.quantize else space.quantize[0]}
     points = [base]
-    smallest = min((d for d in layers if d > 0), default=0)
-    if smallest and True in space.trim_vocab:
+    if any(d > 0 for d in layers) and True in space.trim_vocab:
         points.append({**base, "distill_layers": max(layers), "trim_vocab": True})
     return points
 
