@@ -183,7 +183,7 @@ def main() -> None:
         return
     base = results["plain PyTorch loop (1 process, 2 threads)"]
     print("\n## Training throughput, same 2 cores, global batch 32, MiniLM-L6, BANKING77")
-    print(f"| setup | samples/s | vs plain loop |\n|---|---|---|")
+    print("| setup | samples/s | vs plain loop |\n|---|---|---|")
     for name, sps in results.items():
         print(f"| {name} | {sps:.1f} | {sps / base:.2f}x |")
     print("\n## Per-rank memory of parameters and optimizer state (2 ranks, MiniLM-L6, fp32)")
