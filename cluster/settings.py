@@ -31,7 +31,12 @@ class Settings(BaseSettings):
     storage_root: str = Field(
         default="./runs",
         description="Root for run outputs and Ray Train/Tune storage: a local path (shared by every node "
-        "on a real cluster) or a storage URI.",
+        "on a real cluster) or a storage URI (s3://bucket/runs, gs://bucket/runs; see cluster/storage.py).",
+    )
+    storage_cache: Path = Field(
+        default=Path.home() / ".cache" / "slimray" / "storage",
+        description="Local copies of inputs read from storage URIs (downloaded again only when they change) "
+        "and the working files of outputs written to URIs; local to each node.",
     )
     data_root: Path = Field(
         default=Path("../shared/data"),

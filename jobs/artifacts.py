@@ -1,7 +1,9 @@
 """Artifact folders that describe themselves, written atomically.
 
 Every stage writes into ``<out>.partial-<random>`` beside the target and renames it into place only when
-complete, so a crash never leaves a folder that looks finished. ``manifest.json`` records lineage.
+complete, so a crash never leaves a folder that looks finished. An output at a storage URI is staged in a
+local folder and uploaded when complete, with its ``_SUCCESS`` marker last (``cluster.storage``).
+``manifest.json`` records lineage.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from cluster import storage
 from jobs.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +57,25 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def check_can_write(out: Path, overwrite: bool) -> None:
-    """Fails early (before any work) if ``out`` exists and may not be replaced."""
-    if out.exists() and not overwrite:
-        raise InputError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
+def check_can_write(out: Path | str, overwrite: bool) -> None:
+    """Fails early (before any work) if ``out`` exists and may not be replaced, or, for a storage URI,
+    if nothing can be written there (no such bucket, access denied, unreachable endpoint)."""
+    if storage.is_uri(out):
+        storage.check_writable(out)  # first: it fails fast where the endpoint cannot be reached
+    if storage.exists(out) and not overwrite:
+        shown = storage.redact(out) if storage.is_uri(out) else str(out)
+        raise InputError(f"output {shown!r} already exists; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a staging folder; on success it replaces ``out``, on error it is removed."""
+def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a staging folder; on success it replaces ``out`` (a path, or a URI: uploaded, marker last),
+    on error it is removed."""
+    if storage.is_uri(out):
+        check_can_write(out, overwrite)
+        with storage.staged_upload(str(out)) as staging:
+            yield staging
+        return
     out = Path(out).expanduser().resolve()
     check_can_write(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

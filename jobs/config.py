@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema
+
+from cluster.storage import StorageError, check_uri, is_uri
 
 C = TypeVar("C", bound=BaseModel)
+
+
+def _location(value: Any) -> Path | str:
+    """A storage URI stays text (checked for form, no network); anything else is a local path."""
+    if isinstance(value, str) and is_uri(value):
+        if value.lower().startswith("file://"):
+            return Path(value[len("file://"):])
+        return check_uri(value)
+    if isinstance(value, (str, Path)) and str(value).strip():
+        return Path(value)
+    raise ValueError("expected a local path or a storage URI such as s3://bucket/path or gs://bucket/path")
+
+
+# A folder a stage reads or writes: a local path (a Path) or a storage URI (kept as text, see cluster/storage.py).
+Location = Annotated[Path | str, PlainValidator(_location), WithJsonSchema({"type": "string"})]
 
 
 class StageConfig(BaseModel):
@@ -131,9 +149,19 @@ def make_parser(model_cls: type[BaseModel], prog: str) -> argparse.ArgumentParse
     return parser
 
 
+def _flat_types(annotation: Any) -> set[Any]:
+    """The types in an annotation, through Optional/Union and Annotated (``Location | None`` → Path, str, None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _flat_types(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_flat_types(a) for a in args))
+    return {annotation}
+
+
 def _flag_value(annotation: Any, raw: Any) -> Any:
     """Flags arrive as text: parse it as YAML (numbers, lists, Literal ints) unless the field takes text."""
-    if not isinstance(raw, str) or {str, Path} & set((annotation, *typing.get_args(annotation))):
+    if not isinstance(raw, str) or {str, Path} & _flat_types(annotation):
         return raw
     try:
         return yaml.safe_load(raw)
@@ -152,7 +180,7 @@ def run_stage(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | No
               prog: str | None = None) -> None:
     """Entry point shared by ``python -m jobs.<stage>`` and ``slimray <stage>``: parse, validate, run.
 
-    Config and input errors print one clear message and exit with status 2 (no traceback).
+    Config, input and storage errors print one clear message and exit with status 2 (no traceback).
     """
     from jobs.errors import InputError  # local: keeps config importable without the ML stack
 
@@ -160,6 +188,6 @@ def run_stage(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | No
     try:
         cfg = parse_args(model_cls, argv, prog)
         main(cfg)
-    except (ConfigError, InputError) as e:
+    except (ConfigError, InputError, StorageError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

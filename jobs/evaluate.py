@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from jobs.artifacts import atomic_dir, manifest, write_json
-from jobs.config import StageConfig, run_stage
+from cluster.storage import canonical, local_copy
+from jobs.artifacts import atomic_dir, check_can_write, manifest, write_json
+from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
 from jobs.inference import load_inference_model
 from jobs.prepare import load_prepared
@@ -27,10 +28,11 @@ log = logging.getLogger("slimray.evaluate")
 class EvaluateConfig(StageConfig):
     """Score a fine-tuned model on a prepared split; print a classification report."""
 
-    model: Path = Field(description="Model artifact folder (fine-tuned or compressed)")
-    data: Path = Field(description="Prepared data folder")
+    model: Location = Field(description="Model artifact folder (fine-tuned or compressed): a path or a storage URI")
+    data: Location = Field(description="Prepared data folder: a path or a storage URI")
     split: str = Field(default="test", description="Split to score: train, validation or test")
-    out: Path | None = Field(default=None, description="Folder for metrics.json (default: print only)")
+    out: Location | None = Field(default=None, description="Folder (path or storage URI) for metrics.json "
+                                 "(default: print only)")
     batch_size: int = Field(default=64, ge=1, description="Texts per forward pass")
     threads: int | None = Field(default=None, ge=1, description="torch threads (default: torch's choice)")
     overwrite: bool = Field(default=False, description="Replace an existing --out folder")
@@ -65,13 +67,15 @@ def main(cfg: EvaluateConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.out is not None and Path(cfg.out).expanduser().resolve() == Path(cfg.model).expanduser().resolve():
+    if cfg.out is not None and canonical(cfg.out) == canonical(cfg.model):
         raise InputError("--out must not be the model folder: its metrics.json belongs to the model")
-    metrics, report = evaluate(Path(cfg.model), Path(cfg.data), cfg.split, cfg.batch_size)
+    if cfg.out is not None:
+        check_can_write(cfg.out, cfg.overwrite)
+    metrics, report = evaluate(local_copy(cfg.model), local_copy(cfg.data), cfg.split, cfg.batch_size)
     print(report)
     print(f"{cfg.split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n {metrics['n']}")
     if cfg.out is not None:
-        with atomic_dir(Path(cfg.out), cfg.overwrite) as staging:
+        with atomic_dir(cfg.out, cfg.overwrite) as staging:
             write_json(staging / "metrics.json", metrics)
             write_json(staging / "manifest.json", manifest("evaluate", cfg.model_dump(mode="json"),
                                                            model=str(cfg.model), data=str(cfg.data)))

@@ -29,9 +29,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
+from cluster import storage
 from cluster.settings import absolute_storage_path, get_settings
 from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, read_json, write_json
-from jobs.config import StageConfig, run_stage
+from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
 from jobs.prepare import load_prepared
 
@@ -61,8 +62,9 @@ class DeepSpeedOptions(StageConfig):
 class FinetuneConfig(StageConfig):
     """Fine-tune a pretrained encoder with Ray Train + DeepSpeed ZeRO; --out is a Hugging Face model folder."""
 
-    data: Path = Field(description="Prepared data folder (output of `slimray prepare`)")
-    out: Path = Field(description="Output model folder (written atomically)")
+    data: Location = Field(description="Prepared data folder (output of `slimray prepare`): a path or a "
+                           "storage URI")
+    out: Location = Field(description="Output model folder (written atomically): a path or a storage URI")
     model: str = Field(default="minilm", description="Pretrained model: local folder, hub id, or 'minilm'")
     workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); "
@@ -72,7 +74,8 @@ class FinetuneConfig(StageConfig):
         default="PACK", description="How workers are placed on nodes (STRICT_SPREAD: one per node)")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (0 = plain data parallel)")
     epochs: float = Field(default=3.0, gt=0, description="Passes over the train split")
-    max_steps: int | None = Field(default=None, ge=1, description="Smoke knob: stop after this many optimizer steps")
+    max_steps: int | None = Field(default=None, ge=1, description="Smoke knob: stop after this many optimizer "
+                                     "steps, or after `epochs` if that comes first")
     batch_size: int = Field(default=32, ge=1, description="Micro-batch per worker (global batch = this x workers)")
     lr: float = Field(default=1e-4, gt=0, description="Peak learning rate of AdamW")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm)")
@@ -305,7 +308,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if steps_per_epoch == 0:
         raise InputError(f"train split has {info['train_rows']} rows: fewer than one batch of {cfg.batch_size} "
                          f"per worker x {world} workers; lower --batch-size or --workers")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.max_steps:  # a cap: small data still stops after `epochs`
+        total_steps = min(total_steps, cfg.max_steps)
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_pretrained_for_training(cfg.model, label_names, task.head)
@@ -441,23 +446,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_name(cfg: FinetuneConfig) -> str:
     """Same output and config → same Ray Train run, so re-running an interrupted command resumes it."""
     key = cfg.model_dump(mode="json", exclude={"overwrite", "resume", "fail_after_step", "max_failures"})
-    key["out"] = str(Path(cfg.out).expanduser().resolve())
-    key["data"] = str(Path(cfg.data).expanduser().resolve())
+    key["out"] = storage.canonical(cfg.out)
+    key["data"] = storage.canonical(cfg.data)
     return "finetune-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def delete_run(storage: str, name: str) -> None:
+def delete_run(storage_path: str, name: str) -> None:
     """Removes a run's checkpoints from local or remote storage (pyarrow.fs), so it starts fresh."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
+    fs, root = storage.filesystem(storage_path)
     path = f"{root.rstrip('/')}/{name}"
     if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
         log.info("--no-resume: deleting the previous checkpoints of run %s", name)
         fs.delete_dir(path)
 
 
-def main(cfg: FinetuneConfig) -> Path:
+def main(cfg: FinetuneConfig) -> Path | str:
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -467,13 +472,19 @@ def main(cfg: FinetuneConfig) -> Path:
     from jobs.tasks import get_task
 
     started = time.time()
-    out = Path(cfg.out).expanduser().resolve()
+    out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out).expanduser().resolve()
     check_can_write(out, cfg.overwrite)
-    data_dir = Path(cfg.data).expanduser().resolve()
+    settings = get_settings()
+    # Ray Train checkpoints straight to the storage root (a shared path or a URI): check it before any work.
+    ray_storage = absolute_storage_path(storage.join(settings.storage_root, "ray_train"))
+    storage.check_writable(ray_storage)
+    data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
     get_task(data_manifest["task"])
     resolve_model(cfg.model)  # a bad model path fails here, before any worker starts
-    paths = {s: str(data_dir / f"{s}.parquet") for s in ("train", "validation", "test")
+    # Workers and Ray Data read the splits where every node can: the URI itself, or the shared path.
+    data_location = storage.canonical(cfg.data)
+    paths = {s: storage.join(data_location, f"{s}.parquet") for s in ("train", "validation", "test")
              if (data_dir / f"{s}.parquet").is_file()}
     if "validation" not in paths:
         raise InputError(f"{data_dir} has no validation.parquet; re-run `slimray prepare`")
@@ -485,13 +496,11 @@ def main(cfg: FinetuneConfig) -> Path:
         "paths": paths,
     }
 
-    settings = get_settings()
     connect(settings)
     # Read before the workers start: with every CPU held by a worker, no read task could run afterwards.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.read_parquet(paths["train"]).select_columns(["text", "label_id"]).materialize()
     name = run_name(cfg)
-    storage = absolute_storage_path(settings.storage_root.rstrip("/") + "/ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": data_info},
@@ -504,21 +513,22 @@ def main(cfg: FinetuneConfig) -> Path:
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=ray_storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": train_ds},
     )
     if not cfg.resume:
-        delete_run(storage, name)
-    log.info("Ray Train run %s (storage %s)", name, storage)
+        delete_run(ray_storage, name)
+    log.info("Ray Train run %s (storage %s)", name, storage.redact(ray_storage))
     try:
         result = trainer.fit()
     except Exception as e:  # WorkerGroupError / ControllerError carry the worker's traceback
         raise RuntimeError(f"fine-tuning failed after {cfg.max_failures} restarts: {e}") from e
     if result.checkpoint is None or not result.metrics.get("finished"):
-        raise RuntimeError(f"fine-tuning ended without a final model (run {name}, storage {storage})")
+        raise RuntimeError(f"fine-tuning ended without a final model (run {name}, storage "
+                           f"{storage.redact(ray_storage)})")
 
     with atomic_dir(out, cfg.overwrite) as staging, result.checkpoint.as_directory() as ckpt:
         final = read_json(Path(ckpt) / "final.json")
@@ -544,14 +554,15 @@ def main(cfg: FinetuneConfig) -> Path:
             for row in final["history"]:
                 f.write(json.dumps(row) + "\n")
         (staging / "finetune_config.yaml").write_text(
-            f"# Resolved config of this model. Re-run: slimray finetune --config {out / 'finetune_config.yaml'}\n"
+            f"# Resolved config of this model. Re-run: slimray finetune --config "
+            f"{storage.join(out, 'finetune_config.yaml')}\n"
             + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         write_json(staging / "manifest.json", manifest(
             "finetune", cfg.model_dump(mode="json"),
             task=data_info["task"],
             base_model=cfg.model,
             base_model_path=resolve_model(cfg.model),
-            data=str(data_dir),
+            data=data_location,
             data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
             labels=data_info["labels"],
             max_length=cfg.max_length or data_info["max_length"],

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from jobs.artifacts import atomic_dir, check_can_write, manifest, write_json
-from jobs.config import StageConfig, run_stage
+from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
 from jobs.modeling import load_tokenizer
 from jobs.sources import load_source
@@ -38,7 +38,8 @@ class PrepareConfig(StageConfig):
 
     source: str = Field(description="CSV/TSV/JSONL/parquet file, folder of split files (train.*, validation.*, "
                         "test.*), or a Hugging Face dataset id")
-    out: Path = Field(description="Output folder (written atomically)")
+    out: Location = Field(description="Output folder (written atomically): a path, or a storage URI "
+                          "(s3://bucket/path, gs://bucket/path) every node can read")
     task: str = Field(default="intent", description="Task name from the registry (intent, sentiment)")
     text_column: str | None = Field(default=None, description="Text column (default: guessed from common names)")
     label_column: str | None = Field(default=None, description="Label column (default: guessed from common names)")
@@ -155,9 +156,9 @@ def token_length_stats(texts: list[str], tokenizer_name: str, percentile: float)
     }
 
 
-def main(cfg: PrepareConfig) -> Path:
+def main(cfg: PrepareConfig) -> Path | str:
     task = get_task(cfg.task)
-    check_can_write(Path(cfg.out), cfg.overwrite)
+    check_can_write(cfg.out, cfg.overwrite)
     tables, inputs = load_source(cfg.source, cfg.column_names)
     rng = np.random.default_rng(cfg.seed)
 
@@ -222,7 +223,7 @@ def main(cfg: PrepareConfig) -> Path:
 
     lengths = token_length_stats(texts["train"], cfg.tokenizer, cfg.length_percentile)
     splits_info = {}
-    with atomic_dir(Path(cfg.out), cfg.overwrite) as staging:
+    with atomic_dir(cfg.out, cfg.overwrite) as staging:
         for split in SPLITS:
             if split not in texts:
                 continue
@@ -253,7 +254,7 @@ def main(cfg: PrepareConfig) -> Path:
         ))
     log.info("prepared %s: %s; %d labels; max_length %d", cfg.out,
              ", ".join(f"{s} {i['rows']}" for s, i in splits_info.items()), len(label_names), lengths["max_length"])
-    return Path(cfg.out)
+    return cfg.out
 
 
 def load_prepared(data_dir: Path) -> dict:

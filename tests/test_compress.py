@@ -13,7 +13,8 @@ import torch
 
 from jobs.errors import InputError
 from jobs.inference import build_torch_model, load_inference_model
-from tuning.compress import CompressConfig, NoCandidateError, check_inputs, choose, main, pareto_front
+from tuning.compress import (CompressConfig, NoCandidateError, SearchSpace, check_inputs, choose, default_points, main,
+                              pareto_front)
 from tuning.methods import Candidate, Context, prune, quantize, save_candidate, trim_vocab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,3 +176,14 @@ def test_a_killed_search_resumes(isolated_network, tiny_classifier, sample_data,
     assert (out / "chosen" / "metrics.json").is_file()
     assert first[0].stat().st_mtime == stamp, "the finished trial was rebuilt instead of resumed"
     assert json.loads((out / "chosen" / "metrics.json").read_text())["trials"] == {"finished": 3, "total": 3}
+
+
+def test_first_points_stay_inside_a_restricted_space():
+    space = SearchSpace(distill_layers=[2, 3], prune_heads=[0.5], prune_ffn=[0.0, 0.5], recovery_steps=[200],
+                        trim_vocab=[True], quantize=["torch-int8"])
+    for point in default_points(space, depth=6):
+        assert point["distill_layers"] in [2, 3] and point["prune_heads"] == 0.5 and point["prune_ffn"] == 0.0
+        assert point["recovery_steps"] == 200 and point["trim_vocab"] is True and point["quantize"] == "torch-int8"
+    alternative = default_points(SearchSpace(), depth=6)[0]
+    assert (alternative["distill_layers"], alternative["prune_heads"], alternative["trim_vocab"],
+            alternative["quantize"]) == (0, 0.0, False, "onnx-int8")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from cluster import storage
+from cluster.storage import join, local_copy
 from jobs.artifacts import atomic_dir, file_sha256, manifest, read_json, write_json
-from jobs.config import StageConfig, run_stage
+from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
 from jobs.prepare import load_prepared
 
@@ -58,9 +61,12 @@ class SearchSpace(StageConfig):
 class CompressConfig(StageConfig):
     """Search compressions of a fine-tuned model with Ray Tune; choose on the Pareto front."""
 
-    model: Path = Field(description="Fine-tuned model folder (output of `slimray finetune`)")
-    data: Path = Field(description="Prepared data folder (needs train, validation and test splits)")
-    out: Path = Field(description="Output folder: search/, chosen/, report.md, pareto.png")
+    model: Location = Field(description="Fine-tuned model folder (output of `slimray finetune`): a path or a "
+                            "storage URI")
+    data: Location = Field(description="Prepared data folder (needs train, validation and test splits): a path "
+                           "or a storage URI")
+    out: Location = Field(description="Output folder: search/, chosen/, report.md, pareto.png; a path or a "
+                          "storage URI (then Tune keeps its state there, and the working files in a local cache)")
     trials: int = Field(default=12, ge=1, description="Number of candidates to build")
     max_accuracy_drop: float = Field(default=1.0, ge=0, description="Allowed validation accuracy drop vs the "
                                      "base model, in percentage points (macro-F1 may drop twice that)")
@@ -124,8 +130,10 @@ def trial(config: dict[str, Any]) -> None:
     threads = max(1, int(ctx_cfg["trial_cpus"]))
     torch.set_num_threads(threads)
     trial_id = ray.tune.get_context().get_trial_id()
-    texts, labels = _train_rows(Path(ctx_cfg["data"]), ctx_cfg["train_limit"])
-    val = pq.read_table(Path(ctx_cfg["data"]) / "validation.parquet", columns=["text", "label", "label_id"])
+    # Inputs by path or URI, so a trial runs on any node (a URI is downloaded once per node, then cached).
+    data_dir, teacher_dir, inputs = (local_copy(ctx_cfg[k]) for k in ("data", "model", "inputs"))
+    texts, labels = _train_rows(data_dir, ctx_cfg["train_limit"])
+    val = pq.read_table(data_dir / "validation.parquet", columns=["text", "label", "label_id"])
     max_epoch = ctx_cfg["max_epoch"]
 
     def on_epoch(epoch: int, acc: float) -> None:
@@ -134,22 +142,28 @@ def trial(config: dict[str, Any]) -> None:
 
     ctx = Context(
         train_texts=texts, train_labels=labels,
-        teacher_logits=np.load(ctx_cfg["teacher_logits"])[: len(texts)],
+        teacher_logits=np.load(inputs / ctx_cfg["teacher_logits"])[: len(texts)],
         val_texts=val.column("text").to_pylist(), val_labels=np.asarray(val.column("label_id").to_pylist()),
         max_length=ctx_cfg["max_length"], threads=threads, seed=ctx_cfg["seed"], on_epoch=on_epoch)
-    teacher_dir = Path(ctx_cfg["model"])
     cand = Candidate(build_torch_model(teacher_dir, {}), _tokenizer(teacher_dir))
     started = time.perf_counter()
     cand = run_pipeline(cand, ctx, plan_from_params(params))
     build_s = time.perf_counter() - started
-    out = Path(ctx_cfg["search_dir"]) / trial_id
+    search_dir = ctx_cfg["search_dir"]
+    remote = storage.is_uri(search_dir)
+    out = (Path(tempfile.mkdtemp(prefix="slimray-candidate-")) if remote else Path(search_dir)) / trial_id
     if out.exists():
         shutil.rmtree(out)
     save_candidate(cand, out, ctx_cfg["max_length"])
-    metrics = measure(out, read_json(Path(ctx_cfg["latency_texts"])), threads=threads, repeats=3,
+    metrics = measure(out, read_json(inputs / "latency_texts.json"), threads=threads, repeats=3,
                       eval_sets={"val": (ctx.val_texts, val.column("label").to_pylist())})
+    artifact = str(out)
+    if remote:  # the driver may be on another node: the candidate goes to the output URI
+        artifact = join(search_dir, trial_id)
+        storage.upload_dir(out, artifact)
+        shutil.rmtree(out.parent, ignore_errors=True)
     ray.tune.report({
-        "epoch": max_epoch, "final": True, "artifact": str(out), "build_s": build_s,
+        "epoch": max_epoch, "final": True, "artifact": artifact, "build_s": build_s,
         "val_accuracy": metrics["val_accuracy"], "val_macro_f1": metrics["val_macro_f1"],
         "latency_ms_b1": metrics["latency_ms_b1"], "latency_ms_b32": metrics["latency_ms_b32"],
         "size_mb": metrics["size_mb"], "pipeline": json.dumps(cand.steps),
@@ -221,12 +235,21 @@ def param_space(space: SearchSpace, depth: int) -> dict[str, Any]:
 
 
 def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
-    """The one-step alternative (ONNX int8 alone) and a distil + trim + int8 combination, evaluated first."""
+    """The one-step alternative (ONNX int8 alone) and a distil + trim + int8 combination, evaluated first.
+
+    Every value is taken from the space (Optuna rejects points outside it): where the space has no
+    "off" value for a method, the point keeps that method on.
+    """
     layers = space.distill_layers or default_layers(depth)
-    base = {"distill_layers": 0, "distill_epochs": max(space.distill_epochs), "temperature": 2.0, "alpha": 0.7,
-            "lr": min(max(2e-4, space.lr[0]), space.lr[1]), "prune_heads": 0.0, "prune_ffn": 0.0,
-            "importance": space.importance[0], "recovery_steps": 0, "trim_vocab": False,
-            "quantize": "onnx-int8" if "onnx-int8" in space.quantize else space.quantize[0]}
+
+    def off(values: list[Any], value: Any) -> Any:
+        return value if value in values else values[0]
+
+    base = {"distill_layers": off(layers, 0), "distill_epochs": max(space.distill_epochs), "temperature": 2.0,
+            "alpha": 0.7, "lr": min(max(2e-4, space.lr[0]), space.lr[1]), "prune_heads": off(space.prune_heads, 0.0),
+            "prune_ffn": off(space.prune_ffn, 0.0), "importance": space.importance[0],
+            "recovery_steps": off(space.recovery_steps, 0), "trim_vocab": off(space.trim_vocab, False),
+            "quantize": off(space.quantize, "onnx-int8")}
     points = [base]
     if any(d > 0 for d in layers) and True in space.trim_vocab:
         points.append({**base, "distill_layers": max(layers), "trim_vocab": True})
@@ -253,14 +276,15 @@ def teacher_logits(model_dir: Path, data_dir: Path, out: Path, limit: int | None
 def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
     from jobs.inference import load_inference_model
 
-    data_manifest = load_prepared(cfg.data)
+    model_dir, data_dir = local_copy(cfg.model), local_copy(cfg.data)
+    data_manifest = load_prepared(data_dir)
     for split in ("validation", "test"):
-        if not (Path(cfg.data) / f"{split}.parquet").is_file():
+        if not (data_dir / f"{split}.parquet").is_file():
             raise InputError(f"{cfg.data} has no {split} split: compression chooses on validation and reports on "
                              "test; re-run `slimray prepare` (it cuts both from train when the source has none)")
-    if not (Path(cfg.model) / "config.json").is_file():
+    if not (model_dir / "config.json").is_file():
         raise InputError(f"{str(cfg.model)!r} is not a model folder (no config.json)")
-    base = load_inference_model(cfg.model)
+    base = load_inference_model(model_dir)
     if base.backend != "torch":
         raise InputError(f"{cfg.model} is a {base.backend} artifact; compress the fine-tuned PyTorch model")
     missing = sorted(set(data_manifest["labels"]) - set(base.labels))
@@ -269,7 +293,7 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
     return data_manifest, base
 
 
-def main(cfg: CompressConfig) -> Path:
+def main(cfg: CompressConfig) -> Path | str:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -281,14 +305,20 @@ def main(cfg: CompressConfig) -> Path:
     from tuning.report import write_report
 
     started = time.time()
-    out = Path(cfg.out).expanduser().resolve()
-    if (out / "chosen").exists() and not cfg.overwrite:
-        raise InputError(f"{out / 'chosen'} already exists; pass --overwrite to search again")
+    # Output at a URI: the working files live in a local folder keyed by it and are published at the end;
+    # Tune's state and the candidates go to the URI directly, so trials and the driver may be on any node.
+    remote = storage.is_uri(cfg.out)
+    dest = cfg.out if remote else Path(cfg.out).expanduser().resolve()
+    out = storage.work_dir(cfg.out) if remote else dest
+    if remote:
+        storage.check_writable(cfg.out)
+    if storage.exists(join(dest, "chosen")) and not cfg.overwrite:
+        raise InputError(f"{storage.redact(join(dest, 'chosen'))} already exists; pass --overwrite to search again")
     data_manifest, base_model = check_inputs(cfg)
-    depth = len(encoder_layers(load_classifier(cfg.model)[0]))
+    model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
+    depth = len(encoder_layers(load_classifier(model_dir)[0]))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compress_config.json", cfg.model_dump(mode="json"))
-    data_dir = Path(cfg.data).expanduser().resolve()
     max_length = int(base_model.max_length)
     test = pq.read_table(data_dir / "test.parquet", columns=["text", "label"])
     val = pq.read_table(data_dir / "validation.parquet", columns=["text", "label"])
@@ -298,26 +328,31 @@ def main(cfg: CompressConfig) -> Path:
     if len(latency_texts) < 32:
         raise InputError(f"the test split has {len(test_texts)} texts; latency at batch 32 needs at least 32")
 
-    logits_path = teacher_logits(Path(cfg.model), data_dir, out, cfg.train_limit)
-    texts_path = out / "latency_texts.json"  # by path: trial configs are printed, customer texts must not be
-    write_json(texts_path, latency_texts)
+    # Trial inputs in one folder, passed by location: trial configs are printed, customer texts must not be.
+    inputs = out / "inputs"
+    inputs.mkdir(exist_ok=True)
+    logits_path = teacher_logits(model_dir, data_dir, inputs, cfg.train_limit)
+    write_json(inputs / "latency_texts.json", latency_texts)
+    inputs_location = str(inputs)
+    if remote:
+        inputs_location = join(cfg.out, "inputs")
+        storage.upload_dir(inputs, inputs_location)
     connect()
     space = cfg.search
     max_epoch = max(space.distill_epochs)
-    ctx = {"model": str(Path(cfg.model).resolve()), "data": str(data_dir), "teacher_logits": str(logits_path),
-           "search_dir": str(out / "search"), "max_length": max_length, "train_limit": cfg.train_limit,
-           "trial_cpus": cfg.trial_cpus, "seed": cfg.seed, "latency_texts": str(texts_path), "max_epoch": max_epoch}
+    ctx = {"model": storage.canonical(cfg.model), "data": storage.canonical(cfg.data), "inputs": inputs_location,
+           "teacher_logits": logits_path.name, "search_dir": join(dest, "search"), "max_length": max_length,
+           "train_limit": cfg.train_limit, "trial_cpus": cfg.trial_cpus, "seed": cfg.seed, "max_epoch": max_epoch}
     # Epoch reports carry only val_accuracy (for ASHA); multi-objective Optuna reads only the final report.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(trial, {"cpu": cfg.trial_cpus})
-    tune_dir = out / "tune"
-    if cfg.resume and tune.Tuner.can_restore(str(tune_dir)):
-        log.info("resuming the search in %s", tune_dir)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False,
+    tune_dir = join(dest, "tune")
+    if cfg.resume and tune.Tuner.can_restore(tune_dir):
+        log.info("resuming the search in %s", storage.redact(tune_dir))
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, param_space={**param_space(space, depth), "ctx": ctx})
     else:
-        if tune_dir.exists():
-            shutil.rmtree(tune_dir)
+        storage.delete(tune_dir)
         searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
                                 points_to_evaluate=cfg.initial_points or default_points(space, depth), seed=cfg.seed)
         scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
@@ -329,7 +364,7 @@ def main(cfg: CompressConfig) -> Path:
             tune_config=tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler,
                                         max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)),
                                         time_budget_s=cfg.time_budget_s),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out),
+            run_config=tune.RunConfig(name="tune", storage_path=str(dest),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                                       # Copy the experiment state to OUT often (default: every 5 min), so a
                                       # killed search resumes without redoing finished trials.
@@ -357,17 +392,18 @@ def main(cfg: CompressConfig) -> Path:
 
     val_set = (val.column("text").to_pylist(), val.column("label").to_pylist())
     test_set = (test_texts, test.column("label").to_pylist())
-    base = measure(Path(cfg.model), latency_texts, cfg.threads, {"val": val_set, "test": test_set})
+    base = measure(model_dir, latency_texts, cfg.threads, {"val": val_set, "test": test_set})
     for r in finished:
-        r.update(measure(Path(r["artifact"]), latency_texts, cfg.threads, {"val": val_set}))
+        r.update(measure(local_copy(r["artifact"]), latency_texts, cfg.threads, {"val": val_set}))
     try:
         chosen = choose(finished, base, cfg.max_accuracy_drop)
     except NoCandidateError:
         write_report(out, trials, base, None, None, cfg)
+        publish_summary(out, dest)
         raise
     for r in finished:
         r["pareto"] = any(r is p for p in pareto_front(finished))
-    scores = measure(Path(chosen["artifact"]), latency_texts, cfg.threads, {"test": test_set}, repeats=5)
+    scores = measure(local_copy(chosen["artifact"]), latency_texts, cfg.threads, {"test": test_set}, repeats=5)
     metrics = {
         "accuracy": scores["test_accuracy"], "macro_f1": scores["test_macro_f1"],
         "latency_ms_b1": chosen["latency_ms_b1"], "latency_ms_b32": chosen["latency_ms_b32"],
@@ -385,22 +421,31 @@ def main(cfg: CompressConfig) -> Path:
         "trials": {"finished": len(finished), "total": len(trials)},
         "wall_s": round(time.time() - started, 1),
     }
-    with atomic_dir(out / "chosen", overwrite=True) as staging:
-        for f in Path(chosen["artifact"]).iterdir():
+    with atomic_dir(join(dest, "chosen"), overwrite=True) as staging:
+        for f in local_copy(chosen["artifact"]).iterdir():
             shutil.copy2(f, staging / f.name)
         write_json(staging / "metrics.json", metrics)
-        ft_manifest = read_json(Path(cfg.model) / "manifest.json") if (Path(cfg.model) / "manifest.json").is_file() else {}
+        ft_manifest = read_json(model_dir / "manifest.json") if (model_dir / "manifest.json").is_file() else {}
         write_json(staging / "manifest.json", manifest(
             "compress", cfg.model_dump(mode="json"),
             task=data_manifest["task"], labels=base_model.labels, max_length=max_length,
-            parent=str(Path(cfg.model).resolve()), parent_manifest=ft_manifest,
-            data=str(data_dir), data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
+            parent=storage.canonical(cfg.model), parent_manifest=ft_manifest,
+            data=storage.canonical(cfg.data), data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
             trial_id=chosen["trial_id"], method=chosen["pipeline"], parameters=chosen["config"]))
     write_report(out, trials, base, chosen, metrics, cfg)
+    publish_summary(out, dest)
     log.info("chosen %s: test accuracy %.4f (base %.4f), %.2f ms at batch 1 (%.1fx faster), %.1f MB (%.1fx smaller)",
              chosen["trial_id"], metrics["accuracy"], metrics["base"]["accuracy"], metrics["latency_ms_b1"],
              metrics["speedup_b1"], metrics["size_mb"], metrics["size_reduction"])
-    return out / "chosen"
+    return join(dest, "chosen") if remote else out / "chosen"
+
+
+def publish_summary(out: Path, dest: Path | str) -> None:
+    """Copies the report files from the local working folder to an output URI (a local output is the folder)."""
+    if storage.is_uri(dest):
+        for f in sorted(out.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                storage.upload_file(f, join(dest, f.name))
 
 
 def cli(argv: list[str] | None = None) -> None:
