@@ -36,9 +36,12 @@ def connect(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     settings.torch_extensions_dir.mkdir(parents=True, exist_ok=True)
     env_vars = runtime_env_vars(settings)
-    if settings.ray_address:
-        log.info("connecting to Ray at %s", settings.ray_address)
-        ray.init(address=settings.ray_address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    # The driver of a job submitted with `ray job submit` runs on the cluster (the job supervisor sets this
+    # variable): join that cluster, whose address it also sets, rather than start an embedded one.
+    address = settings.ray_address or ("auto" if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else None)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         ray.init(
             address="local",

@@ -1,0 +1,326 @@
+"""`slimray submit` / `slimray jobs`: the path rule, the runtime env, the address and token, the error lines
+(against Ray's real client: a closed port and a tiny HTTP server), and one run on a real `ray start` head."""
+
+import http.server
+import json
+import os
+import re
+import shlex
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cluster import submit as sub
+from cluster.ray_env import runtime_env_vars
+from cluster.settings import Settings
+from jobs.finetune import FinetuneConfig
+from jobs.prepare import PrepareConfig
+from raycluster import free_port, ray_cluster, slimray  # tests/raycluster.py
+from serve_app.run import ServeConfig
+from slimray.cli import STAGES
+
+ROOT = sub.PROJECT_ROOT
+SAMPLE = ROOT / "jobs" / "samples" / "harbor_bank"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The path rule.
+
+
+def check(args, cls=FinetuneConfig, cwd=ROOT, **kw):
+    return sub.check_locations(args, cls, cwd=cwd, **kw)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_has_one_config_class_with_location_fields(stage):
+    import importlib
+
+    cls = sub.stage_config_class(importlib.import_module(STAGES[stage][0]))
+    locations = [n for n, f in cls.model_fields.items() if sub._is_location(f.annotation)]
+    assert locations, f"{cls.__name__} has no Path/Location field: the path rule would check nothing"
+
+
+def test_relative_location_is_rejected_with_one_line_naming_flag_value_and_fix():
+    with pytest.raises(sub.SubmitError) as e:
+        check(["--data", "/shared/d", "--out", "runs/b77/ft", "--model", "minilm"])
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "--out 'runs/b77/ft' is a relative path" in msg and f"--out {ROOT}/runs/b77/ft" in msg
+    assert "--resolve-paths" in msg
+
+
+def test_absolute_paths_uris_and_names_pass_unchanged():
+    args = ["--data", "/shared/d", "--out", "s3://bucket/ft", "--model", "minilm", "--workers", "2", "--overwrite"]
+    assert check(args) == args
+    assert check(["--data=file:///x", "--out=gs://b/o"]) == ["--data=file:///x", "--out=gs://b/o"]
+    # a text field whose value names nothing here is a name (hub id, registry name), not a path
+    assert check(["--source", "org/some-dataset", "--out", "/o"], PrepareConfig) == \
+        ["--source", "org/some-dataset", "--out", "/o"]
+
+
+def test_resolve_paths_rewrites_every_form(tmp_path):
+    args = ["--data=d", "--ou", "o", "--set", "deepspeed.overlap_comm=false", "--model", "minilm"]
+    assert check(args, cwd=tmp_path, resolve=True) == \
+        [f"--data={tmp_path}/d", "--ou", f"{tmp_path}/o", "--set", "deepspeed.overlap_comm=false", "--model", "minilm"]
+    # --set is applied after the flags, so it is the one that counts (and the one checked)
+    assert check(["--out", "o", "--set", "out=/abs/o", "--data", "/d"], cwd=tmp_path) == \
+        ["--out", "o", "--set", "out=/abs/o", "--data", "/d"]
+    with pytest.raises(sub.SubmitError, match=r"--set out 'rel' is a relative path.*--set out=.*/rel\)"):
+        check(["--out", "/abs", "--set", "out=rel", "--data", "/d"], cwd=tmp_path)
+
+
+def test_inputs_inside_the_project_travel_but_outputs_and_excluded_folders_do_not(tmp_path):
+    assert check(["--source", "jobs/samples/harbor_bank", "--out", "/o"], PrepareConfig) == \
+        ["--source", "jobs/samples/harbor_bank", "--out", "/o"]
+    # from a subfolder: rewritten relative to the project root, the job's current folder
+    assert check(["--source", "samples/harbor_bank", "--out", "/o"], PrepareConfig, cwd=ROOT / "jobs") == \
+        ["--source", "jobs/samples/harbor_bank", "--out", "/o"]
+    assert check(["--serve-config", "serve_app/serve_config.yaml", "--model", "/m"], ServeConfig) == \
+        ["--serve-config", "serve_app/serve_config.yaml", "--model", "/m"]
+    (tmp_path / "data").mkdir()
+    with pytest.raises(sub.SubmitError, match="--source 'data' is a relative path"):
+        check(["--source", "data", "--out", "/o"], PrepareConfig, cwd=tmp_path)  # exists, but outside the project
+    with pytest.raises(sub.SubmitError, match="--out 'jobs/new' is a relative path"):
+        check(["--out", "jobs/new", "--data", "/d"])  # inside, but an output: it would stay in the job's copy
+    project = tmp_path / "project"  # a stand-in checkout with an output folder
+    (project / "runs" / "b77" / "data").mkdir(parents=True)
+    with pytest.raises(sub.SubmitError, match="--data 'runs/b77/data' is a relative path"):
+        check(["--data", "runs/b77/data", "--out", "/o"], cwd=project, root=project)  # runs/ never travels
+    assert not sub.travels(ROOT / ".venv" / "lib") and not sub.travels(ROOT / "jobs" / "model.safetensors")
+
+
+def test_config_file_travels_and_its_relative_locations_are_checked(tmp_path):
+    cfg = "jobs/configs/finetune_banking77.yaml"  # data: runs/b77/data, out: runs/b77/ft
+    with pytest.raises(sub.SubmitError) as e:
+        check(["--config", cfg])
+    assert [line.split(":")[0] for line in str(e.value).splitlines()] == [f"data in --config {cfg}", f"out in --config {cfg}"]
+    assert "(e.g. --data " in str(e.value)
+    assert check(["--config", cfg, "--data", "/d", "--out", "/o"]) == ["--config", cfg, "--data", "/d", "--out", "/o"]
+    # resolved: flags appended, which beat the file
+    assert check(["--config", cfg], resolve=True) == \
+        ["--config", cfg, "--data", f"{ROOT}/runs/b77/data", "--out", f"{ROOT}/runs/b77/ft"]
+    outside = tmp_path / "ft.yaml"
+    outside.write_text("data: /d\nout: /o\n")
+    with pytest.raises(sub.SubmitError, match="--config 'ft.yaml' is a relative path"):
+        check(["--config", "ft.yaml"], cwd=tmp_path)
+    assert check(["--config", str(outside)], cwd=tmp_path) == ["--config", str(outside)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What travels.
+
+
+def test_runtime_env_ships_the_project_without_environments_outputs_or_weights(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    env = sub.build_runtime_env({"SLIMRAY_RAY_ADDRESS": "auto"})
+    assert env["working_dir"] == str(ROOT) and "pip" not in env
+    assert {".venv/", ".git/", "runs/", "__pycache__/", "*.safetensors", "*.parquet"} <= set(env["excludes"])
+    # what Ray's own packager puts in the zip with these excludes
+    create_package(str(ROOT), tmp_path / "pkg.zip", include_gitignore=True, excludes=env["excludes"])
+    names = [n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/")]
+    assert {"jobs/finetune.py", "cluster/submit.py", "jobs/configs/finetune_banking77.yaml",
+            "jobs/samples/harbor_bank/train.csv", "serve_app/serve_config.yaml"} <= set(names)
+    bad = [n for n in names if n.split("/")[0] in (".venv", ".git", "runs") or "__pycache__" in n
+           or n.endswith((".safetensors", ".parquet", ".pt"))]
+    assert not bad
+    assert all(sub.travels(ROOT / n) for n in names)  # the path rule agrees with the packager
+    assert sum(zipfile.ZipFile(tmp_path / "pkg.zip").getinfo(n).file_size for n in names) < 20e6
+
+
+def test_pip_requirements_are_pinned_and_leave_ray_and_torch_to_the_image():
+    env = sub.build_runtime_env({}, pip=True)
+    packages = env["pip"]["packages"]
+    assert packages and all("==" in p for p in packages), packages
+    names = {p.split("==")[0].lower() for p in packages}
+    assert "deepspeed" in names and "transformers" in names and not names & {"ray", "torch"}
+
+
+def test_job_env_carries_settings_not_worker_env():
+    env = sub.job_env_vars({"SLIMRAY_STORAGE_ROOT": "s3://bucket/runs", "SLIMRAY_API_TOKEN": "secret",
+                            "SLIMRAY_RAY_ADDRESS": "http://head:8265", "SLIMRAY_RAY_NUM_CPUS": "2", "PATH": "/bin"})
+    assert env == {"SLIMRAY_RAY_ADDRESS": "auto", "SLIMRAY_STORAGE_ROOT": "s3://bucket/runs"}
+    # Ray refuses a driver whose ray.init env_vars share a key with the job's ("Failed to merge ...")
+    assert not set(env) & set(runtime_env_vars(Settings(ray_address="auto")))
+    with pytest.raises(sub.SubmitError, match="SLIMRAY_STORAGE_ROOT 'runs' is a relative path.*SLIMRAY_STORAGE_ROOT=/"):
+        sub.job_env_vars({"SLIMRAY_STORAGE_ROOT": "runs"})
+    assert sub.job_env_vars({"SLIMRAY_STORAGE_ROOT": "runs"}, cwd=Path("/data"), resolve=True)[
+        "SLIMRAY_STORAGE_ROOT"] == "/data/runs"
+
+
+def test_entrypoint_quotes_arguments():
+    cmd = sub.entrypoint("jobs.finetune", ["--out", "/a b/o", "--set", "deepspeed.extra={'x': 1}"])
+    assert shlex.split(cmd) == ["python", "-m", "jobs.finetune", "--out", "/a b/o", "--set", "deepspeed.extra={'x': 1}"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Address and token.
+
+
+def test_address_precedence():
+    env = {"RAY_ADDRESS": "http://a:8265/", "SLIMRAY_RAY_ADDRESS": "http://b:8265"}
+    assert sub.resolve_address("http://c:8265", env) == "http://c:8265"
+    assert sub.resolve_address(None, env) == "http://a:8265"
+    assert sub.resolve_address(None, {"RAY_ADDRESS": " ", "SLIMRAY_RAY_ADDRESS": "http://b:8265"}) == "http://b:8265"
+    assert sub.resolve_address(None, {}) == "http://127.0.0.1:8265"
+
+
+@pytest.fixture
+def token_env(monkeypatch, tmp_path):
+    """A clean token environment (HOME without a token), shared with Ray's token loader."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    AuthenticationTokenLoader.instance().reset_cache()
+    yield monkeypatch
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def test_token_lookup_matches_rays_loader(token_env, tmp_path):
+    from ray._raylet import AuthenticationTokenLoader
+
+    def ray_says():
+        AuthenticationTokenLoader.instance().reset_cache()
+        header = AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
+        return header.get("authorization", "").removeprefix("Bearer ") or None
+
+    assert sub.find_token(os.environ) == (None, None) and ray_says() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert sub.find_token(os.environ) == ("from-home", str(tmp_path / ".ray" / "auth_token")) and ray_says() == "from-home"
+    (tmp_path / "tok").write_text("  from-path \n")
+    token_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert sub.find_token(os.environ)[0] == "from-path" == ray_says()
+    token_env.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert sub.find_token(os.environ) == ("from-env", "RAY_AUTH_TOKEN") and ray_says() == "from-env"
+    assert sub.find_token({**os.environ, "RAY_AUTH_MODE": "disabled"}) == (None, None)
+    with pytest.raises(sub.SubmitError, match="RAY_AUTH_TOKEN_PATH names .*cannot be read or is empty"):
+        sub.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Error lines, from Ray's real client.
+
+
+@pytest.fixture
+def fake_dashboard():
+    """A dashboard that answers /api/version and guards the rest like Ray's token middleware:
+    401 without a token, 403 with a wrong one, 404 for an unknown job with the right one."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            auth = self.headers.get("Authorization")
+            if self.path == "/api/version":
+                code, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x",
+                                              "session_name": "s"})
+            elif not auth:
+                code, body = 401, "Unauthorized: Missing authentication token"
+            elif auth != "Bearer right":
+                code, body = 403, "Forbidden: Invalid authentication token"
+            else:
+                code, body = 404, f"Job {self.path.rsplit('/', 1)[-1]} does not exist"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_closed_port_names_the_address(token_env):
+    from ray.job_submission import JobSubmissionClient
+
+    address = f"http://127.0.0.1:{free_port()}"
+    expected = rf"cannot reach the Ray dashboard at {address} \(.*\): check that the cluster is up"
+    with pytest.raises(sub.SubmitError, match=expected):
+        sub.JobClient(address, environ=os.environ)  # caught by the connect probe
+    with pytest.raises(ConnectionError) as raised:
+        # what Ray's own client raises maps to the same line (a header, so that Ray looks up no token)
+        JobSubmissionClient(address, headers={"Authorization": "Bearer x"})
+    assert re.match(expected, sub._explain(raised.value, address, None, None))
+
+
+def test_missing_wrong_token_and_unknown_job(token_env, fake_dashboard):
+    with pytest.raises(sub.SubmitError, match="requires an auth token and none was found: set RAY_AUTH_TOKEN"):
+        sub.JobClient(fake_dashboard, environ=os.environ).list_jobs()
+    token_env.setenv("RAY_AUTH_TOKEN", "wrong")
+    with pytest.raises(sub.SubmitError, match="rejected the auth token from RAY_AUTH_TOKEN: set it"):
+        sub.JobClient(fake_dashboard, environ=os.environ).list_jobs()
+    token_env.setenv("RAY_AUTH_TOKEN", "right")
+    with pytest.raises(sub.SubmitError, match=r"no job 'slimray-x' on the cluster at .*`slimray jobs list`"):
+        sub.JobClient(fake_dashboard, environ=os.environ).info("slimray-x")
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    r = slimray("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", env=env)
+    assert r.returncode == 2 and r.stderr.startswith("slimray jobs list: error: cannot reach")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = slimray("submit", "finetuen", "--data", "/d", env=env)
+    assert r.returncode == 2 and "unknown stage 'finetuen'; stages: prepare, finetune" in r.stderr
+    # slimray's options go before the stage; everything after it is the stage's (checked before connecting)
+    r = slimray("submit", "--address", "http://127.0.0.1:1", "finetune", "--data", "/d", "--out", "ft", env=env)
+    assert r.returncode == 2 and r.stderr.startswith("slimray submit: error: --out 'ft' is a relative path")
+    assert "Traceback" not in r.stderr
+    r = slimray("submit", "finetune", "--help", env=env)
+    assert r.returncode == 0 and "--zero-stage" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real head started with `ray start`, stopped by pid.
+
+
+@pytest.fixture
+def ray_head(isolated_network, tmp_path):
+    """A one-node cluster from `ray start --head` with token auth: (dashboard URL, client environment)."""
+    with ray_cluster(nodes=1, env={"SLIMRAY_STORAGE_ROOT": str(tmp_path / "storage")}) as cluster:
+        yield cluster.dashboard, cluster.env
+
+
+@pytest.mark.integration
+def test_submit_prepare_and_finetune_to_a_real_head(ray_head, tiny_encoder, tmp_path):
+    address, env = ray_head
+    t0 = time.monotonic()
+    # prepare, with a relative --out made absolute by --resolve-paths
+    r = slimray("submit", "--address", address, "--resolve-paths", "prepare", "--source", str(SAMPLE),
+                "--out", "data", "--limit", "48", env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prepare_id = r.stdout.splitlines()[0]
+    assert (tmp_path / "data" / "train.parquet").is_file() and (tmp_path / "data" / "labels.json").is_file()
+
+    r = slimray("submit", "--address", address, "finetune", "--data", str(tmp_path / "data"),
+                "--out", str(tmp_path / "ft"), "--model", str(tiny_encoder), "--workers", "1", "--zero-stage", "0",
+                "--max-steps", "2", "--batch-size", "8", "--log-every", "1", env=env, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finetune_id = r.stdout.splitlines()[0]
+    assert "step 2/2" in r.stdout  # followed as it ran
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert "accuracy" in metrics and (tmp_path / "ft" / "model.safetensors").is_file()
+
+    r = slimray("jobs", "status", finetune_id, "--address", address, env=env)
+    assert r.returncode == 0 and r.stdout.startswith(f"{finetune_id}: SUCCEEDED")
+    r = slimray("jobs", "logs", finetune_id, "--address", address, env=env)
+    assert r.returncode == 0 and "step 1/2" in r.stdout and "step 2/2" in r.stdout
+    r = slimray("jobs", "list", "--address", address, env=env)
+    assert r.returncode == 0 and prepare_id in r.stdout and finetune_id in r.stdout
+    assert f"{finetune_id}  SUCCEEDED" in r.stdout
+
+    r = slimray("jobs", "status", finetune_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": "garbage"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"slimray jobs status: error: the Ray cluster at {address} rejected the auth token "
+                                "from RAY_AUTH_TOKEN: set it to the cluster's token; `ray get-auth-token` on the "
+                                "head node prints it")
+    r = slimray("jobs", "logs", "slimray-nope", "--address", address, env=env)
+    assert r.returncode == 2 and "no job 'slimray-nope'" in r.stderr
+    print(f"submit round trip: {time.monotonic() - t0:.0f} s")
