@@ -8,6 +8,7 @@ from jobs.evaluate import EvaluateConfig
 from jobs.finetune import FinetuneConfig
 from jobs.predict import PredictConfig
 from jobs.prepare import PrepareConfig
+from slimray.run import load_profile, stage_configs
 from tuning.compress import CompressConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,11 +26,14 @@ def test_there_are_config_files():
 
 
 @pytest.mark.parametrize("path", config_files(), ids=lambda p: p.name)
-def test_every_config_file_validates(path):
-    schema = SCHEMAS[path.name.split("_")[0]]
+def test_every_config_file_validates(path, tmp_path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# slimray ") and str(path.relative_to(REPO)) in first, "open with the command that runs it"
-    build_config(schema, file=path)
+    if path.name.startswith("run_"):  # a `slimray run` profile: every section must make a valid stage config
+        profile, where = load_profile(str(path))
+        stage_configs(profile, "source", tmp_path, where)
+        return
+    build_config(SCHEMAS[path.name.split("_")[0]], file=path)
 
 
 def test_flags_override_file_and_set_overrides_flags(tmp_path):

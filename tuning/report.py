@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 
-def _describe(pipeline: list[dict[str, Any]] | None) -> str:
+def describe_pipeline(pipeline: list[dict[str, Any]] | None) -> str:
     if not pipeline:
         return "fp32 (no change)"
     parts = []
@@ -72,7 +73,7 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
     if metrics is not None and chosen is not None:
         b = metrics["base"]
         lines += [
-            f"## Chosen: `{chosen['trial_id']}` — {_describe(chosen.get('pipeline'))}",
+            f"## Chosen: `{chosen['trial_id']}` — {describe_pipeline(chosen.get('pipeline'))}",
             "",
             "| | test accuracy | macro-F1 | latency b1 (ms) | latency b32 (ms) | size (MB) |",
             "|---|---|---|---|---|---|",
@@ -100,7 +101,7 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
         if r["status"] == "finished":
             mark = "**chosen**" if chosen is not None and r["trial_id"] == chosen["trial_id"] else (
                 "yes" if r.get("pareto") else "")
-            lines.append(f"| {r['trial_id']} | finished | {_describe(r['pipeline'])} | {r['val_accuracy']:.4f} | "
+            lines.append(f"| {r['trial_id']} | finished | {describe_pipeline(r['pipeline'])} | {r['val_accuracy']:.4f} | "
                          f"{r['val_macro_f1']:.4f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.1f} | "
                          f"{r['size_mb']:.1f} | {mark} |")
         else:
@@ -108,4 +109,7 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
                                         if r.get("val_accuracy") is not None else "")
             lines.append(f"| {r['trial_id']} | {r['status']} | {detail} | | | | | | |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # The same rows for programs (``slimray run``'s report): every trial, base and chosen, measured.
+    (out / "trials.json").write_text(json.dumps({"base": base, "chosen": chosen, "trials": trials}, indent=2,
+                                                default=str) + "\n", encoding="utf-8")
     plot_pareto(out / "pareto.png", finished, base, chosen)

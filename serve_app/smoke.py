@@ -1,0 +1,109 @@
+"""A smoke test of the served assistant: deploy the Serve graph, send real requests over HTTP, time them.
+
+``slimray run`` calls it after choosing a model; it also works on its own against any model folder:
+
+    from serve_app.smoke import serve_model, smoke_test
+    with serve_model("runs/x/compress/chosen", "runs/x/data", port=8000) as url:
+        print(smoke_test(url, texts, labels))
+
+Latencies are client-side wall times of complete HTTP requests (JSON, ingress, model replica, response),
+sent one at a time, so they show what one user waits for, not throughput under load (bench/serve.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger("slimray.serve")
+
+
+@contextlib.contextmanager
+def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1",
+                keep_running: bool = False) -> Iterator[str]:
+    """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` on the connected cluster; yields its URL.
+
+    The caller must have connected to Ray (``cluster.ray_env.connect``). Serve is shut down on exit unless
+    ``keep_running`` (the caller then blocks until it wants to stop, and shuts Serve down itself).
+    """
+    from ray import serve
+
+    from serve_app.app import AppArgs, compose_app
+    from serve_app.run import SERVE_CONFIG, app_from_serve_config
+
+    entry, options = app_from_serve_config(SERVE_CONFIG)
+    app = compose_app(AppArgs(model=str(model), data=str(data) if data else None), options)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(app, name=entry.get("name", "slimray"), route_prefix=entry.get("route_prefix", "/"),
+                  blocking=False)
+        yield f"http://{host}:{port}"
+    finally:
+        if not keep_running:
+            serve.shutdown()
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def smoke_test(url: str, texts: Sequence[str], labels: Sequence[str], requests: int = 30,
+               batch_requests: int = 5, batch_size: int = 32, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Sends ``requests`` single messages to /v1/assist and ``batch_requests`` batches to /v1/classify.
+
+    Every response must be 200 with a known label; anything else raises with the status and body.
+
+    Returns:
+        Latency percentiles (ms), the served accuracy on the texts sent, the hand-off rate, counts.
+    """
+    import requests as http
+
+    session = http.Session()
+
+    def post(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        t0 = time.perf_counter()
+        response = session.post(url + path, json=body, timeout=timeout_s)
+        elapsed = 1000 * (time.perf_counter() - t0)
+        if response.status_code != 200:
+            raise RuntimeError(f"smoke test: POST {path} answered {response.status_code}: {response.text[:300]}")
+        return response.json(), elapsed
+
+    if len(texts) < batch_size:
+        raise ValueError(f"the smoke test needs at least {batch_size} texts, got {len(texts)}")
+    post("/v1/assist", {"message": texts[0]})  # first request: connections, lazy imports; not timed
+    single, correct, handoffs = [], 0, 0
+    for i in range(requests):
+        j = i % len(texts)
+        body, ms = post("/v1/assist", {"message": texts[j]})
+        single.append(ms)
+        correct += body["intent"] == labels[j]
+        handoffs += bool(body["handoff"])
+    batched, batch_correct, sent = [], 0, 0
+    for i in range(batch_requests):
+        start = (i * batch_size) % max(1, len(texts) - batch_size + 1)
+        chunk, chunk_labels = texts[start:start + batch_size], labels[start:start + batch_size]
+        body, ms = post("/v1/classify", {"texts": list(chunk)})
+        batched.append(ms)
+        batch_correct += sum(r["label"] == want for r, want in zip(body["results"], chunk_labels))
+        sent += len(chunk)
+    result = {
+        "url": url,
+        "assist_requests": requests,
+        "assist_p50_ms": statistics.median(single),
+        "assist_p95_ms": _percentile(single, 95),
+        "assist_accuracy": correct / requests,
+        "handoff_rate": handoffs / requests,
+        "classify_requests": batch_requests,
+        "classify_batch_size": batch_size,
+        "classify_p50_ms": statistics.median(batched),
+        "classify_texts_per_s": sent / (sum(batched) / 1000),
+        "classify_accuracy": batch_correct / sent,
+    }
+    log.info("smoke test: /v1/assist p50 %.1f ms, p95 %.1f ms; /v1/classify (%d texts) p50 %.1f ms; "
+             "served accuracy %.3f", result["assist_p50_ms"], result["assist_p95_ms"], batch_size,
+             result["classify_p50_ms"], result["classify_accuracy"])
+    return result

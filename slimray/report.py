@@ -1,0 +1,300 @@
+"""The report of ``slimray run``: ``report.md`` with linked PNG figures, and the summary table it prints.
+
+Everything is read back from the artifacts the stages wrote (data manifest, fine-tune metrics and history,
+the search's trials.json, chosen/metrics.json, smoke.json), so the report shows what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.artifacts import read_json
+from tuning.report import describe_pipeline
+
+# (column title, metrics.json key, decimals) of the base-vs-chosen table.
+SUMMARY_COLUMNS = (("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("latency b1 (ms)", "latency_ms_b1", 3),
+                   ("latency b32 (ms)", "latency_ms_b32", 2), ("size (MB)", "size_mb", 2))
+ALTERNATIVE = [{"method": "quantize", "backend": "onnx-int8"}]  # the one-step alternative: ONNX int8 alone
+# The project's goals (issues "Compression" and "Serving"), set against the measured figures in the report.
+GOAL_SPEEDUP_VS_ALTERNATIVE = 2.0  # chosen vs ONNX Runtime int8 alone, at batch 1 ...
+GOAL_SMALLER_VS_ALTERNATIVE = 2.0  # ... and in size, within the accuracy constraint
+GOAL_SERVE_OVERHEAD_MS = 3.0  # p50 of a served single message minus the model's own batch-1 latency
+GOAL_SERVE_BATCH_SHARE = 0.8  # served texts/s with 32-text requests over the raw batch-32 forward pass
+
+
+def summary_rows(m: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Rows of the base-vs-chosen table, straight from ``chosen/metrics.json``."""
+    base = m["base"]
+    return [
+        ("base (fine-tuned)", [f"{base[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
+        ("chosen", [f"{m[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
+        ("ratio", [f"{-m['accuracy_drop_pts']:+.2f} pts", f"{100 * (m['macro_f1'] - base['macro_f1']):+.2f} pts",
+                   f"{m['speedup_b1']:.2f}x faster", f"{m['speedup_b32']:.2f}x faster",
+                   f"{m['size_reduction']:.2f}x smaller"]),
+    ]
+
+
+def summary_text(m: dict[str, Any]) -> str:
+    """The table as aligned text; columns are separated by at least two spaces."""
+    header = ["", *(title for title, _, _ in SUMMARY_COLUMNS)]
+    rows = [header] + [[name, *cells] for name, cells in summary_rows(m)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def summary_markdown(m: dict[str, Any]) -> str:
+    lines = ["| | " + " | ".join(t for t, _, _ in SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in summary_rows(m)]
+    return "\n".join(lines)
+
+
+def print_summary(m: dict[str, Any]) -> None:
+    print(f"\nBase vs chosen ({m['split']} split, latency at {m['latency_threads']} thread(s); chosen/metrics.json):")
+    print(summary_text(m), flush=True)
+
+
+def plot_training(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation accuracy against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [r for r in history if "loss" in r]
+    evals = [r for r in history if "val_accuracy" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    left.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="tab:blue")
+    left.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    right.plot([r["step"] for r in evals], [100 * r["val_accuracy"] for r in evals], marker="o", color="tab:green",
+               label="accuracy")
+    right.plot([r["step"] for r in evals], [100 * r["val_macro_f1"] for r in evals], marker="s", color="tab:olive",
+               label="macro-F1")
+    right.set(xlabel="optimizer step", ylabel="%", title="Validation")
+    right.legend(loc="lower right")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_comparison(rows: dict[str, dict[str, float]], path: Path) -> None:
+    """Batch-1 latency and size of the base model, the alternative and the chosen one, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    colors = ["tab:orange", "tab:gray", "tab:red"][: len(names)]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=110)
+    for ax, key, title in zip(axes, ("accuracy", "latency_ms_b1", "size_mb"),
+                              ("validation accuracy (%)", "latency at batch 1 (ms)", "size (MB)")):
+        values = [100 * rows[n][key] if key == "accuracy" else rows[n][key] for n in names]
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.2f" if key != "size_mb" else "%.1f", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        if key == "accuracy":
+            ax.set_ylim(max(0.0, min(values) - 10), 100)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _alternative(trials: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in trials["trials"] if r.get("status") == "finished" and r.get("pipeline") == ALTERNATIVE),
+                None)
+
+
+def _goal(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
+    """Writes ``out/report.md``, ``out/figures/*.png`` and ``out/configs/*.yaml`` (the resolved stage configs)."""
+    data, ft, comp = out / "data", out / "ft", out / "compress"
+    run = read_json(out / "run.json")
+    dm = read_json(data / "manifest.json")
+    fm, ftm = read_json(ft / "metrics.json"), read_json(ft / "manifest.json")
+    history = [json.loads(line) for line in (ft / "history.jsonl").read_text().splitlines() if line.strip()]
+    trials = read_json(comp / "trials.json")
+    cm = read_json(comp / "chosen" / "metrics.json")
+    chosen_manifest = read_json(comp / "chosen" / "manifest.json")
+    smoke = read_json(out / "smoke.json")
+
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_training(history, figures / "training.png")
+    shutil.copy2(comp / "pareto.png", figures / "pareto.png")
+    alternative = _alternative(trials)
+    # Validation accuracy: the alternative was scored on validation only, like every candidate.
+    compared = {"base (fine-tuned)": {"accuracy": cm["base"]["validation"]["accuracy"],
+                                      "latency_ms_b1": cm["base"]["latency_ms_b1"], "size_mb": cm["base"]["size_mb"]}}
+    if alternative is not None:
+        compared["ONNX int8 alone"] = {"accuracy": alternative["val_accuracy"],
+                                       "latency_ms_b1": alternative["latency_ms_b1"], "size_mb": alternative["size_mb"]}
+    compared["chosen"] = {"accuracy": cm["validation"]["accuracy"], "latency_ms_b1": cm["latency_ms_b1"],
+                          "size_mb": cm["size_mb"]}
+    plot_comparison(compared, figures / "comparison.png")
+
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    resolved = {"prepare": dm["config"], "finetune": ftm["config"], "compress": read_json(comp / "compress_config.json")}
+    for name, cfg in resolved.items():
+        (configs / f"{name}.yaml").write_text(
+            f"# slimray {name} --config {configs / (name + '.yaml')}\n" + yaml.safe_dump(cfg, sort_keys=False),
+            encoding="utf-8")
+
+    splits = dm["splits"]
+    dropped = {s: {k: v for k, v in d.items() if v} for s, d in dm["dropped"].items()}
+    lines = [
+        f"# slimray run: {Path(str(run['source']).rstrip('/')).name}, profile `{Path(run['profile']).stem.removeprefix('run_')}`",
+        "",
+        f"Source `{run['source']}`, task `{dm['task']}`, code `{ftm.get('code_version', 'unknown')}`.",
+        "",
+        "| stage | wall time | finished |",
+        "|---|---|---|",
+    ]
+    for name in ("prepare", "finetune", "compress", "smoke"):
+        rec = stages.get(name, {})
+        wall = f"{rec['wall_s']:.0f} s" if "wall_s" in rec else "—"
+        lines.append(f"| {name} | {wall} | {rec.get('finished_at', 'not finished')} |")
+    total = sum(stages.get(n, {}).get("wall_s", 0) for n in ("prepare", "finetune", "compress", "smoke"))
+    lines.append(f"| total | {total:.0f} s | |")
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"{len(dm['labels'])} labels; " + ", ".join(f"{s} {i['rows']:,} rows" for s, i in splits.items())
+        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; p50 "
+        f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} train rows "
+        "truncated).",
+        "",
+        "Dropped: " + ("; ".join(f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d.items())
+                                 for s, d in dropped.items() if d) or "nothing") + ".",
+        "",
+        "| label | " + " | ".join(splits) + " |",
+        "|---" * (len(splits) + 1) + "|",
+    ]
+    lines += [f"| {label} | " + " | ".join(str(i["label_counts"].get(label, 0)) for i in splits.values()) + " |"
+              for label in dm["labels"]]
+    dist = fm["distributed"]
+    lines += [
+        "",
+        "## Fine-tuning",
+        "",
+        f"`{ftm['base_model']}` with Ray Train, {dist['workers']} workers, DeepSpeed ZeRO-{dist['zero_stage']}: "
+        f"{fm['steps']} optimizer steps, {fm['train_samples_per_s']:.1f} samples/s, {fm['wall_s']:.0f} s"
+        + (f", resumed from step {fm['resumed_from_step']}" if fm.get("resumed_from_step") else "")
+        + (f", {fm['restarts']} worker-group restart(s)" if fm.get("restarts") else "") + ". "
+        f"{fm['split'].capitalize()} accuracy **{fm['accuracy']:.4f}**, macro-F1 {fm['macro_f1']:.4f} "
+        f"(validation {fm['validation']['accuracy']:.4f}).",
+        "",
+        "![Training curves](figures/training.png)",
+        "",
+        "## Compression",
+        "",
+        f"{cm['trials']['total']} candidates searched with Ray Tune ({cm['trials']['finished']} finished); "
+        f"choice: the fastest at batch 1 with validation accuracy within "
+        f"{resolved['compress']['max_accuracy_drop']} points of the base model. Chosen: "
+        f"**{describe_pipeline(chosen_manifest.get('method'))}** (trial `{chosen_manifest.get('trial_id')}`). "
+        f"The search's own report: [compress/report.md](compress/report.md).",
+        "",
+        "![Pareto plot](figures/pareto.png)",
+        "",
+        "| trial | pipeline | val accuracy | latency b1 (ms) | latency b32 (ms) | size (MB) |",
+        "|---|---|---|---|---|---|",
+        f"| base | fine-tuned fp32 | {trials['base']['val_accuracy']:.4f} | {trials['base']['latency_ms_b1']:.2f} | "
+        f"{trials['base']['latency_ms_b32']:.1f} | {trials['base']['size_mb']:.1f} |",
+    ]
+    for r in sorted(trials["trials"], key=lambda r: (r["status"] != "finished", -(r.get("val_accuracy") or 0))):
+        if r["status"] == "finished":
+            mark = " **(chosen)**" if r["trial_id"] == chosen_manifest.get("trial_id") else ""
+            lines.append(f"| {r['trial_id']}{mark} | {describe_pipeline(r['pipeline'])} | {r['val_accuracy']:.4f} | "
+                         f"{r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.1f} | {r['size_mb']:.1f} |")
+        else:
+            detail = r.get("error") or (f"val accuracy {r['val_accuracy']:.4f} after epoch {r['epoch']}"
+                                        if r.get("val_accuracy") is not None else "")
+            lines.append(f"| {r['trial_id']} | {r['status']}: {detail} | | | | |")
+    lines += [
+        "",
+        f"## Base vs chosen ({cm['split']} split, from `compress/chosen/metrics.json`)",
+        "",
+        summary_markdown(cm),
+        "",
+        f"Latency: median of repeated passes, {cm['latency_threads']} thread(s), tokenization excluded.",
+        "",
+        "![Base, alternative and chosen](figures/comparison.png)",
+        "",
+        "## Serving smoke test",
+        "",
+        f"The chosen model behind the Serve graph (HTTP → Ingress → Model replica), requests one at a time from a "
+        f"client on the same machine:",
+        "",
+        "| requests | p50 (ms) | p95 (ms) | served accuracy |",
+        "|---|---|---|---|",
+        f"| {smoke['assist_requests']} x `/v1/assist` (1 message) | {smoke['assist_p50_ms']:.1f} | "
+        f"{smoke['assist_p95_ms']:.1f} | {smoke['assist_accuracy']:.3f} (hand-off rate {smoke['handoff_rate']:.2f}) |",
+        f"| {smoke['classify_requests']} x `/v1/classify` ({smoke['classify_batch_size']} texts) | "
+        f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_accuracy']:.3f} |",
+        "",
+    ]
+    lines += goals_section(cm, alternative, smoke)
+    served = f"{out}/compress/chosen"
+    lines += [
+        "## Reproduce",
+        "",
+        "```bash",
+        run["command"] + "      # the whole run (skips what is complete)",
+        f"slimray prepare  --config {configs / 'prepare.yaml'}",
+        f"slimray finetune --config {configs / 'finetune.yaml'}",
+        f"slimray compress --config {configs / 'compress.yaml'}",
+        "```",
+        "",
+        "Serve the chosen model:",
+        "",
+        "```bash",
+        f"slimray serve --model {served} --data {data}      # http://127.0.0.1:8000, docs at /docs",
+        "curl -s -X POST http://127.0.0.1:8000/v1/assist -H 'content-type: application/json' "
+        "-d '{\"message\": \"my card has not arrived\"}'",
+        "```",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def goals_section(cm: dict[str, Any], alternative: dict[str, Any] | None, smoke: dict[str, Any]) -> list[str]:
+    """The measured figures set against the project's goals, saying plainly which are missed."""
+    lines = ["## Against the goals", "", "| goal | measured | |", "|---|---|---|"]
+    if alternative is not None:
+        speed = alternative["latency_ms_b1"] / cm["latency_ms_b1"]
+        smaller = alternative["size_mb"] / cm["size_mb"]
+        lines += [
+            f"| compression: ≥ {GOAL_SPEEDUP_VS_ALTERNATIVE:g}x faster at batch 1 than ONNX int8 alone | "
+            f"{speed:.2f}x | {_goal(speed >= GOAL_SPEEDUP_VS_ALTERNATIVE)} |",
+            f"| compression: ≥ {GOAL_SMALLER_VS_ALTERNATIVE:g}x smaller than ONNX int8 alone | {smaller:.2f}x | "
+            f"{_goal(smaller >= GOAL_SMALLER_VS_ALTERNATIVE)} |",
+        ]
+    else:
+        lines.append("| compression vs ONNX int8 alone | the search did not build that candidate | **not measured** |")
+    overhead = smoke["assist_p50_ms"] - cm["latency_ms_b1"]
+    share = smoke["classify_texts_per_s"] / (32 * 1000 / cm["latency_ms_b32"])
+    lines += [
+        f"| serving: p50 of one message ≤ model batch-1 latency + {GOAL_SERVE_OVERHEAD_MS:g} ms | "
+        f"+{overhead:.1f} ms | {_goal(overhead <= GOAL_SERVE_OVERHEAD_MS)} |",
+        f"| serving: texts/s with 32-text requests ≥ {GOAL_SERVE_BATCH_SHARE:g} of the raw forward pass | "
+        f"{share:.2f} | {_goal(share >= GOAL_SERVE_BATCH_SHARE)} |",
+        "",
+        "The serving figures come from the smoke test (one client, one request at a time, same machine); "
+        "`bench/serve.py` measures throughput under concurrent load against a plain server.",
+        "",
+    ]
+    return lines
