@@ -8,6 +8,8 @@
 
 Latencies are client-side wall times of complete HTTP requests (JSON, ingress, model replica, response),
 sent one at a time, so they show what one user waits for, not throughput under load (bench/serve.py).
+``raw_baseline`` times the same texts through the same model in-process (tokenization + forward, one
+thread like a replica), right after, so the cost of serving is a difference measured side by side.
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1"
     finally:
         if not keep_running:
             serve.shutdown()
+
+
+def raw_baseline(model_dir: str, texts: Sequence[str], requests: int, batch_requests: int,
+                 batch_size: int = 32, threads: int = 1) -> dict[str, float]:
+    """The smoke test's texts, in the same order, through the model in this process: p50 ms per single
+    text and texts/s for the same 32-text chunks (tokenization included, as in a replica)."""
+    from jobs.inference import load_inference_model
+
+    model = load_inference_model(model_dir, threads=threads)
+    model.logits([texts[0]])  # warm-up
+    single = []
+    for i in range(requests):
+        t0 = time.perf_counter()
+        model.logits([texts[i % len(texts)]], batch_size=1)
+        single.append(1000 * (time.perf_counter() - t0))
+    spent, sent = 0.0, 0
+    for chunk in _chunks(texts, batch_requests, batch_size):
+        t0 = time.perf_counter()
+        model.logits(list(chunk), batch_size=batch_size)
+        spent += time.perf_counter() - t0
+        sent += len(chunk)
+    return {"raw_single_p50_ms": statistics.median(single), "raw_texts_per_s": sent / spent}
+
+
+def _chunks(texts: Sequence[str], count: int, size: int) -> list[Sequence[str]]:
+    """``count`` windows of ``size`` texts, walking through the texts (wrapping around)."""
+    return [texts[start:start + size] for start in
+            ((i * size) % max(1, len(texts) - size + 1) for i in range(count))]
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -83,9 +113,8 @@ def smoke_test(url: str, texts: Sequence[str], labels: Sequence[str], requests: 
         correct += body["intent"] == labels[j]
         handoffs += bool(body["handoff"])
     batched, batch_correct, sent = [], 0, 0
-    for i in range(batch_requests):
-        start = (i * batch_size) % max(1, len(texts) - batch_size + 1)
-        chunk, chunk_labels = texts[start:start + batch_size], labels[start:start + batch_size]
+    label_chunks = _chunks(labels, batch_requests, batch_size)
+    for chunk, chunk_labels in zip(_chunks(texts, batch_requests, batch_size), label_chunks):
         body, ms = post("/v1/classify", {"texts": list(chunk)})
         batched.append(ms)
         batch_correct += sum(r["label"] == want for r, want in zip(body["results"], chunk_labels))

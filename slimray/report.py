@@ -234,15 +234,17 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
         "",
         "## Serving smoke test",
         "",
-        f"The chosen model behind the Serve graph (HTTP → Ingress → Model replica), requests one at a time from a "
-        f"client on the same machine:",
+        "The chosen model behind the Serve graph (HTTP → Ingress → Model replica), requests one at a time from a "
+        "client on the same machine; then the same texts through the same model in-process:",
         "",
-        "| requests | p50 (ms) | p95 (ms) | served accuracy |",
-        "|---|---|---|---|",
+        "| requests | p50 (ms) | p95 (ms) | served | in-process | served accuracy |",
+        "|---|---|---|---|---|---|",
         f"| {smoke['assist_requests']} x `/v1/assist` (1 message) | {smoke['assist_p50_ms']:.1f} | "
-        f"{smoke['assist_p95_ms']:.1f} | {smoke['assist_accuracy']:.3f} (hand-off rate {smoke['handoff_rate']:.2f}) |",
+        f"{smoke['assist_p95_ms']:.1f} | | p50 {smoke['raw_single_p50_ms']:.1f} ms | {smoke['assist_accuracy']:.3f} "
+        f"(hand-off rate {smoke['handoff_rate']:.2f}) |",
         f"| {smoke['classify_requests']} x `/v1/classify` ({smoke['classify_batch_size']} texts) | "
-        f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_accuracy']:.3f} |",
+        f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_texts_per_s']:.0f} texts/s | "
+        f"{smoke['raw_texts_per_s']:.0f} texts/s | {smoke['classify_accuracy']:.3f} |",
         "",
     ]
     lines += goals_section(cm, alternative, smoke)
@@ -285,16 +287,19 @@ def goals_section(cm: dict[str, Any], alternative: dict[str, Any] | None, smoke:
         ]
     else:
         lines.append("| compression vs ONNX int8 alone | the search did not build that candidate | **not measured** |")
-    overhead = smoke["assist_p50_ms"] - cm["latency_ms_b1"]
-    share = smoke["classify_texts_per_s"] / (32 * 1000 / cm["latency_ms_b32"])
+    overhead = smoke["assist_p50_ms"] - smoke["raw_single_p50_ms"]
+    share = smoke["classify_texts_per_s"] / smoke["raw_texts_per_s"]
     lines += [
-        f"| serving: p50 of one message ≤ model batch-1 latency + {GOAL_SERVE_OVERHEAD_MS:g} ms | "
-        f"+{overhead:.1f} ms | {_goal(overhead <= GOAL_SERVE_OVERHEAD_MS)} |",
-        f"| serving: texts/s with 32-text requests ≥ {GOAL_SERVE_BATCH_SHARE:g} of the raw forward pass | "
-        f"{share:.2f} | {_goal(share >= GOAL_SERVE_BATCH_SHARE)} |",
+        f"| serving: p50 of one message ≤ the model's own latency on it + {GOAL_SERVE_OVERHEAD_MS:g} ms | "
+        f"{smoke['assist_p50_ms']:.1f} vs {smoke['raw_single_p50_ms']:.1f} ms: +{overhead:.1f} ms | "
+        f"{_goal(overhead <= GOAL_SERVE_OVERHEAD_MS)} |",
+        f"| serving: texts/s with 32-text requests ≥ {GOAL_SERVE_BATCH_SHARE:g} of the model's own | "
+        f"{smoke['classify_texts_per_s']:.0f} vs {smoke['raw_texts_per_s']:.0f} texts/s: {share:.2f} | "
+        f"{_goal(share >= GOAL_SERVE_BATCH_SHARE)} |",
         "",
-        "The serving figures come from the smoke test (one client, one request at a time, same machine); "
-        "`bench/serve.py` measures throughput under concurrent load against a plain server.",
+        "Serving figures: the smoke test's requests, one at a time from a client on the same machine, against "
+        "the same texts through the same model in-process right after (tokenization included, 1 thread, as in "
+        "a replica). Throughput under concurrent load against a plain server is `bench/serve.py`'s job.",
         "",
     ]
     return lines

@@ -27,7 +27,6 @@ from pydantic import BaseModel, Field, ValidationError
 
 from jobs.artifacts import REPO_ROOT, file_sha256, now_iso, read_json, write_json
 from jobs.config import ConfigError, StageConfig, format_validation_error, load_yaml
-from jobs.errors import InputError
 
 log = logging.getLogger("slimray.run")
 
@@ -150,7 +149,8 @@ def run_stage_once(state: RunState, number: int, stage: str, title: str, fingerp
         state.save()
         return
     resume = state.same_inputs_as_last_attempt(stage, fingerprint)
-    print(f"{header}: {title}" + (" (resuming the interrupted attempt)" if resume else ""), flush=True)
+    note = " (continuing the last, unfinished attempt with these inputs)" if resume else ""
+    print(f"{header}: {title}{note}", flush=True)
     state.stages[stage] = {"status": "started", "fingerprint": fingerprint, "started_at": now_iso()}
     state.save()
     started = time.time()
@@ -222,10 +222,16 @@ def main(data: str | None = None, profile_name: str = "quick", out: Path | None 
     smoke_path = out / "smoke.json"
 
     def smoke(resume: bool) -> None:
+        from serve_app.smoke import raw_baseline, serve_model, smoke_test
+
         connect()
         texts, labels = test_rows(data_dir)
-        with serve_chosen(chosen, data_dir, port) as url:
-            write_json(smoke_path, smoke_test_at(url, texts, labels, profile.smoke))
+        n, batches = profile.smoke.requests, profile.smoke.batch_requests
+        with serve_model(str(chosen), str(data_dir), port=port) as url:
+            result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
+        # The same texts through the same model in this process, right after: what serving adds.
+        result.update(raw_baseline(str(chosen), texts, requests=n, batch_requests=batches))
+        write_json(smoke_path, result)
 
     run_stage_once(state, 4, "smoke", "deploy the Serve graph and send real requests", fp_smoke, smoke_path, smoke)
 
@@ -253,27 +259,16 @@ def test_rows(data_dir: Path) -> tuple[list[str], list[str]]:
     return table.column("text").to_pylist(), table.column("label").to_pylist()
 
 
-def serve_chosen(chosen: Path, data_dir: Path, port: int, keep_running: bool = False):
-    from serve_app.smoke import serve_model
-
-    return serve_model(str(chosen), str(data_dir), port=port, keep_running=keep_running)
-
-
-def smoke_test_at(url: str, texts: list[str], labels: list[str], opts: SmokeOptions) -> dict[str, Any]:
-    from serve_app.smoke import smoke_test
-
-    return smoke_test(url, texts, labels, requests=opts.requests, batch_requests=opts.batch_requests)
-
-
 def keep_serving(chosen: Path, data_dir: Path, port: int) -> None:
     """Serves the chosen model until Ctrl-C, after printing a ready curl command."""
     from ray import serve
 
     from cluster.ray_env import connect
+    from serve_app.smoke import serve_model
 
     connect()
     texts, _ = test_rows(data_dir)
-    with serve_chosen(chosen, data_dir, port, keep_running=True) as url:
+    with serve_model(str(chosen), str(data_dir), port=port, keep_running=True) as url:
         body = shlex.quote(json.dumps({"message": texts[0]}))
         print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n"
               f"  curl -s -X POST {url}/v1/assist -H 'content-type: application/json' -d {body}\n"
