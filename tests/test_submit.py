@@ -171,8 +171,11 @@ def test_address_precedence():
 @pytest.fixture
 def token_env(monkeypatch, tmp_path):
     """A clean token environment (HOME without a token), shared with Ray's token loader."""
+    import ray
     from ray._raylet import AuthenticationTokenLoader
 
+    if ray.is_initialized():  # the loader is process-wide: without a token, the running driver's core aborts
+        pytest.skip("token tests need a process without a Ray driver (the unit tests run first)")
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
