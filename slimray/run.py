@@ -225,7 +225,7 @@ def main(data: str | None = None, profile_name: str = "quick", out: Path | None 
         from serve_app.smoke import raw_baseline, serve_model, smoke_test
 
         connect()
-        texts, labels = test_rows(data_dir)
+        texts, labels = read_test_split(data_dir)
         n, batches = profile.smoke.requests, profile.smoke.batch_requests
         with serve_model(str(chosen), str(data_dir), port=port) as url:
             result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
@@ -252,7 +252,7 @@ def command_line(data: str | None, profile: str, out: Path, serve: bool, port: i
     return " ".join(parts + (["--serve"] if serve else []) + ([f"--port {port}"] if port != 8000 else []))
 
 
-def test_rows(data_dir: Path) -> tuple[list[str], list[str]]:
+def read_test_split(data_dir: Path) -> tuple[list[str], list[str]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(data_dir / "test.parquet", columns=["text", "label"])
@@ -267,7 +267,7 @@ def keep_serving(chosen: Path, data_dir: Path, port: int) -> None:
     from serve_app.smoke import serve_model
 
     connect()
-    texts, _ = test_rows(data_dir)
+    texts, _ = read_test_split(data_dir)
     with serve_model(str(chosen), str(data_dir), port=port, keep_running=True) as url:
         body = shlex.quote(json.dumps({"message": texts[0]}))
         print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n"
