@@ -114,7 +114,7 @@ def ray_ddp(data_dir: Path, steps: int) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.settings import absolute_storage_path
+    from cluster.storage import canonical
 
     info = json.loads((data_dir / "manifest.json").read_text())
     trainer = TorchTrainer(
@@ -123,7 +123,7 @@ def ray_ddp(data_dir: Path, steps: int) -> float:
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"bench-ddp-{int(time.time())}",
-                             storage_path=absolute_storage_path(Path(get_settings().storage_root) / "ray_train")),
+                             storage_path=canonical(Path(get_settings().storage_root) / "ray_train")),
     )
     with trainer.fit().checkpoint.as_directory() as d:
         return json.loads(Path(d, "result.json").read_text())["samples_per_s"]

@@ -6,7 +6,6 @@ Every field can be set with an environment variable prefixed ``SLIMRAY_``, e.g.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -57,10 +56,3 @@ def get_settings() -> Settings:
     """Reads the settings from the environment now (not at import, so tests can change it)."""
     return Settings()
 
-
-def absolute_storage_path(path: str | os.PathLike) -> str:
-    """Ray Train/Tune need an absolute path or a URI for storage; relative paths resolve against the cwd."""
-    text = str(path)
-    if "://" in text:
-        return text
-    return str(Path(text).expanduser().resolve())

@@ -30,7 +30,7 @@ import yaml
 from pydantic import Field
 
 from cluster import storage
-from cluster.settings import absolute_storage_path, get_settings
+from cluster.settings import get_settings
 from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, read_json, write_json
 from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
@@ -476,7 +476,7 @@ def main(cfg: FinetuneConfig) -> Path | str:
     check_can_write(out, cfg.overwrite)
     settings = get_settings()
     # Ray Train checkpoints straight to the storage root (a shared path or a URI): check it before any work.
-    ray_storage = absolute_storage_path(storage.join(settings.storage_root, "ray_train"))
+    ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
     storage.check_writable(ray_storage)
     data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
