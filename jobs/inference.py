@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jobs.errors import InputError
+from jobs.modeling import load_tokenizer
 
 MODEL_INFO = "slimray_model.json"
 
@@ -86,14 +87,8 @@ def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = Tru
     return model.eval()
 
 
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
-    return _tokenizer(path), _torch_forward(build_torch_model(path, info))
+    return load_tokenizer(path), _torch_forward(build_torch_model(path, info))
 
 
 def quantize_dynamic_int8(model: Any) -> Any:
@@ -114,7 +109,7 @@ def load_torch_int8(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
     weights = path / info.get("weights", "model_int8.pt")
     model = quantize_dynamic_int8(build_torch_model(path, info, load_weights=False))
     model.load_state_dict(torch.load(weights, weights_only=True))
-    return _tokenizer(path), _torch_forward(model.eval())
+    return load_tokenizer(path), _torch_forward(model.eval())
 
 
 def load_onnx(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
@@ -130,7 +125,7 @@ def load_onnx(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
     def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
         return session.run(["logits"], {k: batch[k].astype(np.int64) for k in names})[0]
 
-    return _tokenizer(path), forward
+    return load_tokenizer(path), forward
 
 
 BACKENDS: dict[str, Callable[[Path, dict[str, Any]], tuple[Any, Callable]]] = {

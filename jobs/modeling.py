@@ -34,10 +34,12 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer of a model folder (any artifact, whatever its backend), a packaged name or a hub id."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(name_or_path)
+    folder = Path(name_or_path).expanduser()
+    source = str(folder) if folder.is_dir() else resolve_model(str(name_or_path))
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as e:
@@ -78,8 +80,7 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
         raise InputError(f"{str(path)!r} is not a fine-tuned classifier: its config has no label names (id2label)")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import logging
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -266,6 +267,21 @@ def load_prepared(data_dir: Path) -> dict:
         raise InputError(f"{str(data_dir)!r} is not a prepared data folder (no manifest.json/train.parquet); "
                          "run `slimray prepare` first")
     return read_json(data_dir / "manifest.json")
+
+
+def read_split(data: Path | str, split: str, columns: Sequence[str] = ("text", "label")) -> dict[str, list]:
+    """One split of a prepared data folder (a path, or a storage URI that pyarrow reads) as column lists.
+
+    Raises InputError naming the folder and the splits it has when ``split`` is missing.
+    """
+    from cluster import storage
+
+    location = storage.join(data, f"{split}.parquet") if storage.is_uri(data) else Path(data) / f"{split}.parquet"
+    if not storage.is_uri(location) and not Path(location).is_file():
+        have = sorted(p.stem for p in Path(data).glob("*.parquet"))
+        raise InputError(f"{str(data)!r} has no {split!r} split (it has {have}); re-run `slimray prepare`")
+    table = pq.read_table(location, columns=list(columns))
+    return {c: table.column(c).to_pylist() for c in columns}
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ checks their encoding first so that a bad byte is reported with its line, and na
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from jobs.artifacts import file_sha256
 from jobs.errors import InputError
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -22,14 +22,6 @@ SPLIT_ALIASES = {
     "validation": ("validation", "valid", "val", "dev"),
     "test": ("test",),
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_utf8(path: Path) -> None:
@@ -109,7 +101,7 @@ def load_source(source: str, column_names: list[str] | None = None) -> tuple[dic
         raise InputError(f"source {source!r} does not exist (expected a file, a folder of split files, "
                          "or a Hugging Face dataset id like 'owner/name')")
     tables = {split: read_table(p, column_names) for split, p in files.items()}
-    inputs = [{"split": s, "path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+    inputs = [{"split": s, "path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
               for s, p in files.items()]
     return tables, inputs
 

@@ -57,17 +57,28 @@ def sentiment_labels(values: Sequence[Any], column: str) -> list[str]:
     return ["positive" if r > mid + band else "negative" if r < mid - band else "neutral" for r in ratings]
 
 
+def accuracy_macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 as fractions: the one definition every stage and the search use.
+
+    Macro-F1 averages over the classes present in ``y_true``, so a tiny slice is not penalised for
+    classes it does not hold.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true.tolist())), average="macro",
+                                       zero_division=0))}
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 as fractions, plus per-class precision/recall/F1/support."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
     ids = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        # Macro over the classes present in y_true, so a tiny slice is not penalised for absent classes.
-        "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true.tolist())), average="macro",
-                                   zero_division=0)),
+        **accuracy_macro_f1(y_true, y_pred),
         "n": int(len(y_true)),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs.inference import InferenceModel, load_inference_model
+from jobs.tasks import accuracy_macro_f1
 
 WEIGHT_FILES = ("model.safetensors", "model_int8.pt", "model.onnx", "pytorch_model.bin")
 
@@ -42,14 +43,9 @@ def latency_ms(model: InferenceModel, texts: Sequence[str], batch_size: int, war
 
 
 def accuracy_f1(model: InferenceModel, texts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
     name_to_id = {n: i for i, n in enumerate(model.labels)}
     y_true = np.array([name_to_id[n] for n in labels])
-    y_pred = model.logits(list(texts), batch_size=64).argmax(-1)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true.tolist())), average="macro",
-                                       zero_division=0))}
+    return accuracy_macro_f1(y_true, model.logits(list(texts), batch_size=64).argmax(-1))
 
 
 def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,

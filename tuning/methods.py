@@ -22,6 +22,7 @@ import numpy as np
 from jobs.artifacts import write_json
 from jobs.inference import MODEL_INFO, quantize_dynamic_int8
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
+from jobs.tasks import accuracy_macro_f1
 
 QUANTIZE_BACKENDS = ("none", "torch-int8", "onnx-int8")
 
@@ -64,7 +65,7 @@ def val_accuracy(model: Any, tokenizer: Any, ctx: Context) -> float:
         for i in range(0, len(ctx.val_texts), 128):
             preds.append(model(**_encode(tokenizer, ctx.val_texts[i:i + 128], ctx.max_length)).logits.argmax(-1))
     model.train()
-    return float((torch.cat(preds).numpy() == ctx.val_labels).mean())
+    return accuracy_macro_f1(ctx.val_labels, torch.cat(preds).numpy())["accuracy"]
 
 
 def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: float, temperature: float,
