@@ -7,7 +7,7 @@ A job runs ``python -m <stage module> <args>`` on the cluster, in a temporary co
 runtime env's ``working_dir``; outputs, environments and weights stay behind, see WORKING_DIR_EXCLUDES).
 So every location a job reads or writes must be an absolute path or a storage URI; a relative path is
 fine only for an existing input inside the project that travels with the code (``--config
-jobs/configs/x.yaml``, ``--source jobs/samples/harbor_bank``). ``check_locations`` enforces this before
+jobs/configs/x.yaml``, ``--source jobs/samples/harbor_bank``). ``job_locations`` enforces this before
 anything is uploaded, and ``resolve=True`` (``--resolve-paths``) makes relative paths absolute against
 the current folder instead, for a cluster that shares this filesystem.
 
@@ -17,7 +17,8 @@ that header only when ``RAY_AUTH_MODE=token`` is set in this process, so slimray
 where Ray's token loader looks for it: ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``,
 else ``~/.ray/auth_token``. Every failure becomes one ``SubmitError`` line; the CLI exits with status 2.
 
-This module knows nothing about stages: the CLI passes the module name and its pydantic config class.
+This module knows nothing about stages: the CLI parses the stage's arguments into its config and passes
+the values, where each came from, and which fields are locations (``jobs.config.location_fields``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,10 @@ import shlex
 import socket
 import sys
 import time
-import types
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, TextIO
 from urllib.parse import urlsplit
-
-import yaml
 
 # The checkout that travels as the job's working_dir (cluster/ sits at its top).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -287,7 +285,7 @@ def job_env_vars(environ: Mapping[str, str] = os.environ, cwd: Path | None = Non
 
     cwd = cwd or Path.cwd()
     location_settings = {"SLIMRAY_" + name.upper() for name, f in Settings.model_fields.items()
-                         if _is_location(f.annotation)} | {"SLIMRAY_STORAGE_ROOT"}
+                         if Path in {f.annotation, *typing.get_args(f.annotation)}} | {"SLIMRAY_STORAGE_ROOT"}
     env = {"SLIMRAY_RAY_ADDRESS": "auto"}
     for key, value in sorted(environ.items()):
         if not key.startswith("SLIMRAY_") or key in LOCAL_ONLY_SETTINGS:
@@ -371,21 +369,7 @@ def submission_id(stage: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The path rule.
-
-
-def _flat_types(annotation: Any) -> set[Any]:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _flat_types(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return set().union(*(_flat_types(a) for a in args))
-    return {annotation}
-
-
-def _is_location(annotation: Any) -> bool:
-    """Fields typed Path, Path | None or jobs.config.Location name a place on disk or in storage."""
-    return Path in _flat_types(annotation)
+# The path rule, applied to the stage's parsed config (the CLI parses it with jobs.config).
 
 
 def _check_location(label: str, value: str, *, fix: str, cwd: Path, resolve: bool, root: Path = PROJECT_ROOT,
@@ -406,113 +390,39 @@ def _check_location(label: str, value: str, *, fix: str, cwd: Path, resolve: boo
                       "--resolve-paths if the cluster shares this filesystem")
 
 
-def _option_strings(config_cls: Any) -> dict[str, str]:
-    """Every flag the stage's parser accepts → its field (see jobs.config.make_parser)."""
-    flags = {"--config": "config", "--set": "set", "--help": "help"}
-    for name, field in config_cls.model_fields.items():
-        flags["--" + name.replace("_", "-")] = name
-        if bool in _flat_types(field.annotation):
-            flags["--no-" + name.replace("_", "-")] = name
-    return flags
-
-
-def check_locations(args: list[str], config_cls: Any, *, cwd: Path | None = None, resolve: bool = False,
-                    root: Path = PROJECT_ROOT) -> list[str]:
-    """Checks every location a stage's arguments give it; returns the arguments the job should run with.
-
-    A location is a field typed Path (or Path | None, or Location), given as ``--field VALUE``,
-    ``--field=VALUE``, ``--set field=VALUE`` or in the ``--config`` file (effective value: --set > flag >
-    file, as the stage applies them), plus ``--config`` itself. A text field (``--model``, ``--source``)
-    counts only when its relative value names something that exists here; ``--model minilm`` passes.
-    Relative paths to existing inputs inside the project that travels are rewritten relative to the project
-    root (the job's current folder). Others raise SubmitError, or with ``resolve`` become absolute against
-    ``cwd``; values that came from the config file are then overridden by an appended flag.
-    """
-    cwd = cwd or Path.cwd()
-    flags = _option_strings(config_cls)
-    strict = {n for n, f in config_cls.model_fields.items() if _is_location(f.annotation)}
-    textual = {n for n, f in config_cls.model_fields.items() if n not in strict and str in _flat_types(f.annotation)}
-    args = list(args)
-    given: dict[str, tuple[str, int, str]] = {}  # field -> (flag | set, index of the value token, its prefix)
-    config_at: tuple[int, str] | None = None
-    for i, token in enumerate(args):
-        if not token.startswith("--"):
-            continue
-        name, eq, inline = token.partition("=")
-        matches = [f for f in flags if f == name] or [f for f in flags if f.startswith(name)]  # argparse's rule
-        if len(matches) != 1:
-            continue  # unknown or ambiguous: the stage's own parser says so in the job's log
-        field = flags[matches[0]]
-        at, prefix = (i, name + "=") if eq else (i + 1, "")
-        if at >= len(args):
-            continue
-        value = inline if eq else args[at]
-        if field == "config":
-            config_at = (at, prefix)
-        elif field == "set":
-            key = value.partition("=")[0]
-            if key.strip() in strict | textual:
-                given[key.strip()] = ("set", at, prefix + key + "=")
-        elif field in strict | textual and not matches[0].startswith("--no-"):
-            if given.get(field, ("flag",))[0] == "flag":  # --set beats a flag wherever it stands
-                given[field] = ("flag", at, prefix)
-
-    problems, appended = [], []
-
-    def check(label: str, value: str, fix: str) -> str:
-        try:
-            return _check_location(label, value, fix=fix, cwd=cwd, resolve=resolve, root=root)
-        except SubmitError as e:
-            problems.append(str(e))
-            return value
-
-    if config_at:
-        at, prefix = config_at
-        file_arg = args[at][len(prefix):]
-        args[at] = prefix + check("--config", file_arg, "--config {}")
-        for field, value in _read_config(Path(file_arg) if Path(file_arg).is_absolute() else cwd / file_arg).items():
-            if field in given or not isinstance(value, str) or field not in strict | textual:
-                continue
-            if field in textual and not _names_local_path(value, cwd):
-                continue
-            flag = "--" + field.replace("_", "-")
-            new = check(f"{field} in --config {file_arg}:", value, flag + " {}")
-            if new != value:
-                appended += [flag, new]  # flags beat the file
-    for field, (how, at, prefix) in given.items():
-        value = args[at][len(prefix):]
-        if field in textual and not _names_local_path(value, cwd):
-            continue
-        flag = "--" + field.replace("_", "-")
-        label, fix = (flag, flag + " {}") if how == "flag" else (f"--set {field}", f"--set {field}={{}}")
-        args[at] = prefix + check(label, value, fix)
-    if problems:
-        raise SubmitError("\n".join(problems))
-    return args + appended
-
-
 def _names_local_path(value: str, cwd: Path) -> bool:
-    """A text field's value counts as a location when it is a URI, absolute, or names something here."""
+    """A name-or-path value counts as a location when it is a URI, absolute, or names something here."""
     return "://" in value or Path(value).is_absolute() or value.startswith("~") or (cwd / value).exists()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    """The --config file's top-level keys, if it is readable here (the stage reports a bad file itself)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def job_locations(values: Mapping[str, Any], sources: Mapping[str, str], fields: Mapping[str, bool], *,
+                  cwd: Path | None = None, resolve: bool = False, root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The stage's config values as the job should get them: every location checked and, where needed,
+    rewritten. SubmitError lists every location that cannot work, one line each.
 
+    Args:
+        values: the parsed config's top-level values (``model_dump(mode="json")``).
+        sources: field → how the user gave it (``--out``, ``--set out``, ``out in --config F:``), for messages.
+        fields: field → True for a location (a Path/Location field), False for a name-or-path field, which
+            counts only when its value names something here (``--model minilm`` passes).
 
-def stage_config_class(module: Any) -> Any:
-    """The stage's config: the one pydantic model defined in its module whose name ends in ``Config``."""
-    from pydantic import BaseModel
-
-    found = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, BaseModel)
-             and c.__module__ == module.__name__ and c.__name__.endswith("Config")]
-    if len(found) != 1:
-        raise SubmitError(f"{module.__name__} must define exactly one pydantic *Config class, found "
-                          f"{[c.__name__ for c in found]}")
-    return found[0]
-
+    A relative path to an existing input inside the project that travels is rewritten relative to the
+    project root (the job's current folder); with ``resolve`` other relative paths become absolute against
+    ``cwd``; otherwise they are refused.
+    """
+    cwd = cwd or Path.cwd()
+    out, problems = dict(values), []
+    for name, strict in fields.items():
+        value = values.get(name)
+        if not isinstance(value, str) or (not strict and not _names_local_path(value, cwd)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        how = sources.get(name, flag)
+        label, fix = (f"--set {name}", f"--set {name}={{}}") if how.startswith("--set") else (how, flag + " {}")
+        try:
+            out[name] = _check_location(label, value, fix=fix, cwd=cwd, resolve=resolve, root=root)
+        except SubmitError as e:
+            problems.append(str(e))
+    if problems:
+        raise SubmitError("\n".join(problems))
+    return out

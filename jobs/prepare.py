@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from jobs.artifacts import atomic_dir, check_can_write, manifest, write_json
-from jobs.config import Location, StageConfig, run_stage
+from jobs.config import Location, NameOrPath, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.modeling import load_tokenizer
 from jobs.sources import load_source
@@ -34,10 +34,10 @@ log = logging.getLogger("slimray.prepare")
 SPLITS = ("train", "validation", "test")
 
 
-class PrepareConfig(StageConfig):
+class PrepareConfig(StrictModel):
     """Clean, de-duplicate, label-map and split labelled text into parquet splits with a manifest."""
 
-    source: str = Field(description="CSV/TSV/JSONL/parquet file, folder of split files (train.*, validation.*, "
+    source: NameOrPath = Field(description="CSV/TSV/JSONL/parquet file, folder of split files (train.*, validation.*, "
                         "test.*), or a Hugging Face dataset id")
     out: Location = Field(description="Output folder (written atomically): a path, or a storage URI "
                           "(s3://bucket/path, gs://bucket/path) every node can read")
@@ -52,7 +52,7 @@ class PrepareConfig(StageConfig):
                                  description="Share of train cut (stratified) as test when the source has none; 0 for no test split")
     limit: int | None = Field(default=None, ge=1, description="Smoke knob: keep at most this many rows per split "
                               "(spread over the labels)")
-    tokenizer: str = Field(default="minilm", description="Tokenizer used to choose the maximum sequence length")
+    tokenizer: NameOrPath = Field(default="minilm", description="Tokenizer used to choose the maximum sequence length")
     length_percentile: float = Field(default=99.0, gt=0, le=100,
                                      description="Max sequence length = this percentile of train token lengths")
     seed: int = Field(default=0, description="Seed of every shuffle and split")
@@ -286,7 +286,7 @@ def read_split(data: Path | str, split: str, columns: Sequence[str] = ("text", "
 
 def cli(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(PrepareConfig, main, argv, prog="slimray prepare")
+    run_cli(PrepareConfig, main, argv, prog="slimray prepare")
 
 
 if __name__ == "__main__":

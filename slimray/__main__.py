@@ -1,3 +1,3 @@
-from slimray.cli import app
+from slimray.cli import main
 
-app()
+main()

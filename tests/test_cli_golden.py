@@ -1,6 +1,6 @@
 """Golden test of the command line, black-box through ``python -m slimray``: whatever parses the arguments,
-every command's ``--help`` lists its options, and every bad invocation exits 2 without a traceback and names
-the bad value or flag."""
+every command's ``--help`` lists its options, and every bad invocation exits 2 without a traceback with one
+line ``slimray COMMAND: error: ...`` that names the bad value or flag."""
 
 import subprocess
 import sys
@@ -59,6 +59,7 @@ BAD = [
     (["serve", "--model", "m", "--port", "notaport"], "'notaport'"),
     (["run", "--profile", "nosuch"], "'nosuch'"),
     (["run", "--bogus"], "--bogus"),
+    (["run", "--port", "abc"], "'abc'"),
     (["submit", "nosuch"], "'nosuch'"),
     (["jobs", "list", "--bogus"], "--bogus"),
     (["jobs", "status"], "job_id"),
@@ -72,3 +73,6 @@ def test_bad_invocation_exits_2_naming_the_value(args, shown, tmp_path):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert shown in r.stderr, r.stderr
+    # one problem, one line, saying which command refused it
+    prog = "slimray " + " ".join(args[:2] if args[0] == "jobs" else args[:1])
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"{prog}: error: "), r.stderr

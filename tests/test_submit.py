@@ -1,6 +1,7 @@
 """`slimray submit` / `slimray jobs`: the path rule, the runtime env, the address and token, the error lines
 (against Ray's real client: a closed port and a tiny HTTP server), and one run on a real `ray start` head."""
 
+import contextlib
 import http.server
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 from cluster import submit as sub
 from cluster.ray_env import runtime_env_vars
 from cluster.settings import Settings
+from jobs.config import as_arguments, location_fields, parse_args, parse_command_line
 from jobs.finetune import FinetuneConfig
 from jobs.prepare import PrepareConfig
 from raycluster import free_port, ray_cluster, slimray  # tests/raycluster.py
@@ -27,25 +29,29 @@ SAMPLE = ROOT / "jobs" / "samples" / "harbor_bank"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The path rule.
+# The path rule, applied to the parsed config. Each test asserts on the config the job would run with:
+# the job's arguments (as `slimray submit` builds them) parsed again by the stage's own parser.
 
 
-def check(args, cls=FinetuneConfig, cwd=ROOT, **kw):
-    return sub.check_locations(args, cls, cwd=cwd, **kw)
+def job_config(args, cls=FinetuneConfig, cwd=ROOT, **kw):
+    with contextlib.chdir(cwd):  # a relative --config file is read from the current folder
+        parsed = parse_command_line(cls, args, "t")
+    values = parsed.config.model_dump(mode="json", exclude_unset=True)
+    job_args = as_arguments(cls, sub.job_locations(values, parsed.sources, location_fields(cls), cwd=cwd, **kw))
+    return parse_args(cls, job_args, "job")
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_stage_has_one_config_class_with_location_fields(stage):
-    import importlib
+def test_every_stage_has_location_fields(stage):
+    from slimray.cli import stage_config_class
 
-    cls = sub.stage_config_class(importlib.import_module(STAGES[stage][0]))
-    locations = [n for n, f in cls.model_fields.items() if sub._is_location(f.annotation)]
-    assert locations, f"{cls.__name__} has no Path/Location field: the path rule would check nothing"
+    fields = location_fields(stage_config_class(stage))
+    assert any(fields.values()), f"{stage}'s config has no Path/Location field: the path rule would check nothing"
 
 
 def test_relative_location_is_rejected_with_one_line_naming_flag_value_and_fix():
     with pytest.raises(sub.SubmitError) as e:
-        check(["--data", "/shared/d", "--out", "runs/b77/ft", "--model", "minilm"])
+        job_config(["--data", "/shared/d", "--out", "runs/b77/ft", "--model", "minilm"])
     msg = str(e.value)
     assert len(msg.splitlines()) == 1
     assert "--out 'runs/b77/ft' is a relative path" in msg and f"--out {ROOT}/runs/b77/ft" in msg
@@ -54,59 +60,59 @@ def test_relative_location_is_rejected_with_one_line_naming_flag_value_and_fix()
 
 def test_absolute_paths_uris_and_names_pass_unchanged():
     args = ["--data", "/shared/d", "--out", "s3://bucket/ft", "--model", "minilm", "--workers", "2", "--overwrite"]
-    assert check(args) == args
-    assert check(["--data=file:///x", "--out=gs://b/o"]) == ["--data=file:///x", "--out=gs://b/o"]
-    # a text field whose value names nothing here is a name (hub id, registry name), not a path
-    assert check(["--source", "org/some-dataset", "--out", "/o"], PrepareConfig) == \
-        ["--source", "org/some-dataset", "--out", "/o"]
+    assert job_config(args) == parse_args(FinetuneConfig, args, "t")
+    cfg = job_config(["--data=file:///x", "--out=gs://b/o"])
+    assert cfg.data == Path("/x") and cfg.out == "gs://b/o"
+    # a name-or-path field whose value names nothing here is a name (hub id, registry name), not a path
+    assert job_config(["--source", "org/some-dataset", "--out", "/o"], PrepareConfig).source == "org/some-dataset"
 
 
 def test_resolve_paths_rewrites_every_form(tmp_path):
-    args = ["--data=d", "--ou", "o", "--set", "deepspeed.overlap_comm=false", "--model", "minilm"]
-    assert check(args, cwd=tmp_path, resolve=True) == \
-        [f"--data={tmp_path}/d", "--ou", f"{tmp_path}/o", "--set", "deepspeed.overlap_comm=false", "--model", "minilm"]
+    cfg = job_config(["--data=d", "--ou", "o", "--set", "deepspeed.overlap_comm=false", "--model", "minilm"],
+                     cwd=tmp_path, resolve=True)
+    assert (cfg.data, cfg.out, cfg.deepspeed.overlap_comm, cfg.model) == (tmp_path / "d", tmp_path / "o", False, "minilm")
     # --set is applied after the flags, so it is the one that counts (and the one checked)
-    assert check(["--out", "o", "--set", "out=/abs/o", "--data", "/d"], cwd=tmp_path) == \
-        ["--out", "o", "--set", "out=/abs/o", "--data", "/d"]
+    assert job_config(["--out", "o", "--set", "out=/abs/o", "--data", "/d"], cwd=tmp_path).out == Path("/abs/o")
     with pytest.raises(sub.SubmitError, match=r"--set out 'rel' is a relative path.*--set out=.*/rel\)"):
-        check(["--out", "/abs", "--set", "out=rel", "--data", "/d"], cwd=tmp_path)
+        job_config(["--out", "/abs", "--set", "out=rel", "--data", "/d"], cwd=tmp_path)
 
 
 def test_inputs_inside_the_project_travel_but_outputs_and_excluded_folders_do_not(tmp_path):
-    assert check(["--source", "jobs/samples/harbor_bank", "--out", "/o"], PrepareConfig) == \
-        ["--source", "jobs/samples/harbor_bank", "--out", "/o"]
+    assert job_config(["--source", "jobs/samples/harbor_bank", "--out", "/o"], PrepareConfig).source == \
+        "jobs/samples/harbor_bank"
     # from a subfolder: rewritten relative to the project root, the job's current folder
-    assert check(["--source", "samples/harbor_bank", "--out", "/o"], PrepareConfig, cwd=ROOT / "jobs") == \
-        ["--source", "jobs/samples/harbor_bank", "--out", "/o"]
-    assert check(["--serve-config", "serve_app/serve_config.yaml", "--model", "/m"], ServeConfig) == \
-        ["--serve-config", "serve_app/serve_config.yaml", "--model", "/m"]
+    assert job_config(["--source", "samples/harbor_bank", "--out", "/o"], PrepareConfig, cwd=ROOT / "jobs").source == \
+        "jobs/samples/harbor_bank"
+    assert job_config(["--serve-config", "serve_app/serve_config.yaml", "--model", "/m"], ServeConfig).serve_config == \
+        Path("serve_app/serve_config.yaml")
     (tmp_path / "data").mkdir()
     with pytest.raises(sub.SubmitError, match="--source 'data' is a relative path"):
-        check(["--source", "data", "--out", "/o"], PrepareConfig, cwd=tmp_path)  # exists, but outside the project
+        job_config(["--source", "data", "--out", "/o"], PrepareConfig, cwd=tmp_path)  # exists, but outside the project
     with pytest.raises(sub.SubmitError, match="--out 'jobs/new' is a relative path"):
-        check(["--out", "jobs/new", "--data", "/d"])  # inside, but an output: it would stay in the job's copy
+        job_config(["--out", "jobs/new", "--data", "/d"])  # inside, but an output: it would stay in the job's copy
     project = tmp_path / "project"  # a stand-in checkout with an output folder
     (project / "runs" / "b77" / "data").mkdir(parents=True)
     with pytest.raises(sub.SubmitError, match="--data 'runs/b77/data' is a relative path"):
-        check(["--data", "runs/b77/data", "--out", "/o"], cwd=project, root=project)  # runs/ never travels
+        job_config(["--data", "runs/b77/data", "--out", "/o"], cwd=project, root=project)  # runs/ never travels
     assert not sub.travels(ROOT / ".venv" / "lib") and not sub.travels(ROOT / "jobs" / "model.safetensors")
 
 
-def test_config_file_travels_and_its_relative_locations_are_checked(tmp_path):
+def test_config_file_locations_are_checked_and_its_values_travel_inline(tmp_path):
     cfg = "jobs/configs/finetune_banking77.yaml"  # data: runs/b77/data, out: runs/b77/ft
     with pytest.raises(sub.SubmitError) as e:
-        check(["--config", cfg])
+        job_config(["--config", cfg])
     assert [line.split(":")[0] for line in str(e.value).splitlines()] == [f"data in --config {cfg}", f"out in --config {cfg}"]
     assert "(e.g. --data " in str(e.value)
-    assert check(["--config", cfg, "--data", "/d", "--out", "/o"]) == ["--config", cfg, "--data", "/d", "--out", "/o"]
-    # resolved: flags appended, which beat the file
-    assert check(["--config", cfg], resolve=True) == \
-        ["--config", cfg, "--data", f"{ROOT}/runs/b77/data", "--out", f"{ROOT}/runs/b77/ft"]
-    outside = tmp_path / "ft.yaml"
-    outside.write_text("data: /d\nout: /o\n")
-    with pytest.raises(sub.SubmitError, match="--config 'ft.yaml' is a relative path"):
-        check(["--config", "ft.yaml"], cwd=tmp_path)
-    assert check(["--config", str(outside)], cwd=tmp_path) == ["--config", str(outside)]
+    from_file = parse_args(FinetuneConfig, ["--config", cfg, "--data", "/d", "--out", "/o"], "t")
+    assert job_config(["--config", cfg, "--data", "/d", "--out", "/o"]) == from_file
+    # resolved: the file's relative locations become absolute, its other values are kept
+    resolved = job_config(["--config", cfg], resolve=True)
+    assert (resolved.data, resolved.out) == (ROOT / "runs/b77/data", ROOT / "runs/b77/ft")
+    assert resolved.model_dump(exclude={"data", "out"}) == from_file.model_dump(exclude={"data", "out"})
+    # a config file outside the project is read here: the job gets its values, not the file
+    (tmp_path / "ft.yaml").write_text("data: /d\nout: /o\nworkers: 3\n")
+    job = job_config(["--config", "ft.yaml"], cwd=tmp_path)
+    assert (job.data, job.out, job.workers) == (Path("/d"), Path("/o"), 3)
 
 
 # ----------------------------------------------------------------------------------------------------------
