@@ -67,25 +67,22 @@ def calibrate_handoff(model: Scorer, data_dir: str | Path, target_precision: flo
         the accuracy with no hand-off, ``n`` and the data's lineage. The same model and data give the same
         dict (no timestamp), so a Serve app built twice from them does not restart its replicas.
     """
-    import pyarrow.parquet as pq
+    from jobs.inference import softmax
+    from jobs.prepare import read_split
 
     if not 0 < target_precision <= 1:
         raise InputError(f"target_precision must be in (0, 1], got {target_precision!r}")
     data_dir = Path(data_dir).expanduser()
-    path = data_dir / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(f"{str(data_dir)!r} has no {split!r} split to calibrate on ({path.name} missing)")
-    table = pq.read_table(path, columns=["text", "label"])
-    if table.num_rows == 0:
-        raise InputError(f"{path} is empty: nothing to calibrate on")
+    rows = read_split(data_dir, split)
+    if not rows["text"]:
+        raise InputError(f"{str(data_dir)!r}: the {split!r} split is empty: nothing to calibrate on")
     name_to_id = {n: i for i, n in enumerate(model.labels)}
-    unknown = sorted(set(table.column("label").to_pylist()) - set(name_to_id))
+    unknown = sorted(set(rows["label"]) - set(name_to_id))
     if unknown:
         raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
-    from jobs.inference import softmax
 
-    probs = softmax(model.logits(table.column("text").to_pylist(), batch_size))
-    y_true = np.array([name_to_id[n] for n in table.column("label").to_pylist()])
+    probs = softmax(model.logits(rows["text"], batch_size))
+    y_true = np.array([name_to_id[n] for n in rows["label"]])
     correct = probs.argmax(-1) == y_true
     chosen = choose_threshold(probs.max(-1), correct, target_precision)
     manifest = data_dir / "manifest.json"
@@ -93,7 +90,7 @@ def calibrate_handoff(model: Scorer, data_dir: str | Path, target_precision: flo
         **chosen,
         "target_precision": target_precision,
         "accuracy": float(correct.mean()),
-        "n": int(table.num_rows),
+        "n": len(rows["text"]),
         "split": split,
         "data": str(data_dir.resolve()),
         "data_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,

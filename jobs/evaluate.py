@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from cluster.storage import canonical, local_copy
 from jobs.artifacts import atomic_dir, check_can_write, manifest, write_json
-from jobs.config import Location, StageConfig, run_stage
+from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.inference import load_inference_model
-from jobs.prepare import load_prepared
+from jobs.prepare import load_prepared, read_split
 from jobs.tasks import get_task
 
 log = logging.getLogger("slimray.evaluate")
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(StrictModel):
     """Score a fine-tuned model on a prepared split; print a classification report."""
 
     model: Location = Field(description="Model artifact folder (fine-tuned or compressed): a path or a storage URI")
     data: Location = Field(description="Prepared data folder: a path or a storage URI")
-    split: str = Field(default="test", description="Split to score: train, validation or test")
+    split: Literal["train", "validation", "test"] = Field(default="test", description="Split to score")
     out: Location | None = Field(default=None, description="Folder (path or storage URI) for metrics.json "
                                  "(default: print only)")
     batch_size: int = Field(default=64, ge=1, description="Texts per forward pass")
@@ -43,18 +43,15 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     from sklearn.metrics import classification_report
 
     info = load_prepared(data_dir)
-    path = Path(data_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(f"{data_dir} has no {split!r} split (files: {sorted(p.name for p in Path(data_dir).glob('*.parquet'))})")
+    rows = read_split(data_dir, split)
     model = load_inference_model(model_dir)
     names = model.labels
-    table = pq.read_table(path, columns=["text", "label"])
-    unknown = sorted(set(table.column("label").to_pylist()) - set(names))
+    unknown = sorted(set(rows["label"]) - set(names))
     if unknown:
         raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
     name_to_id = {n: i for i, n in enumerate(names)}
-    y_true = np.array([name_to_id[n] for n in table.column("label").to_pylist()])
-    y_pred = model.logits(table.column("text").to_pylist(), batch_size).argmax(-1)
+    y_true = np.array([name_to_id[n] for n in rows["label"]])
+    y_pred = model.logits(rows["text"], batch_size).argmax(-1)
     metrics = {"split": split, **get_task(info["task"]).metrics(y_true, y_pred, names)}
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     report = classification_report(y_true, y_pred, labels=present, target_names=[names[i] for i in present],
@@ -84,7 +81,7 @@ def main(cfg: EvaluateConfig) -> dict:
 
 def cli(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(EvaluateConfig, main, argv, prog="slimray evaluate")
+    run_cli(EvaluateConfig, main, argv, prog="slimray evaluate")
 
 
 if __name__ == "__main__":

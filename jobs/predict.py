@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from jobs.config import StageConfig, run_stage
+from jobs.config import StrictModel, run_cli
 from jobs.errors import InputError
 
 log = logging.getLogger("slimray.predict")
 
 
-class PredictConfig(StageConfig):
+class PredictConfig(StrictModel):
     """Label every text of a file with a fine-tuned model, through Ray Data."""
 
     model: Path = Field(description="Model artifact folder")
@@ -117,7 +117,7 @@ def main(cfg: PredictConfig) -> Path:
 
 def cli(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(PredictConfig, main, argv, prog="slimray predict")
+    run_cli(PredictConfig, main, argv, prog="slimray predict")
 
 
 if __name__ == "__main__":

@@ -157,45 +157,55 @@ def token_length_stats(texts: list[str], tokenizer_name: str, percentile: float)
     }
 
 
-def main(cfg: PrepareConfig) -> Path | str:
-    task = get_task(cfg.task)
-    check_can_write(cfg.out, cfg.overwrite)
-    tables, inputs = load_source(cfg.source, cfg.column_names)
-    rng = np.random.default_rng(cfg.seed)
+# The splits while they are being prepared: split -> texts, split -> labels (same order), split -> drop counts.
+Texts = dict[str, list[str]]
+Labels = dict[str, list[str]]
+Dropped = dict[str, Counter]
 
-    texts: dict[str, list[str]] = {}
-    labels: dict[str, list[str]] = {}
-    dropped: dict[str, Counter] = {}
-    conflicts: dict[str, dict[str, list[str]]] = {}
+
+def _keep(texts: Texts, labels: Labels, split: str, keep: list[int]) -> None:
+    texts[split] = [texts[split][i] for i in keep]
+    labels[split] = [labels[split][i] for i in keep]
+
+
+def clean_sources(tables: dict[str, pa.Table], inputs: list[dict], cfg: PrepareConfig,
+                  task: Task) -> tuple[Texts, Labels, Dropped, dict[str, dict[str, list[str]]]]:
+    """Each source split's texts and label names, cleaned (see ``clean_split``)."""
+    texts, labels, dropped, conflicts = {}, {}, {}, {}
     for split, table in tables.items():
         where = next((i["path"] for i in inputs if i["split"] == split), cfg.source)
         raw_texts, raw_labels = extract(table, cfg, task, where)
         texts[split], labels[split], dropped[split], conflicts[split] = clean_split(raw_texts, raw_labels, split)
         if not texts[split]:
             raise InputError(f"{where}: no rows left after cleaning ({dict(dropped[split])})")
+    return texts, labels, dropped, conflicts
 
-    # Splits the source lacks are cut from train, stratified and seeded.
+
+def cut_missing_splits(texts: Texts, labels: Labels, dropped: Dropped, cfg: PrepareConfig,
+                       rng: np.random.Generator) -> None:
+    """Splits the source lacks are cut from train, stratified and seeded."""
     for split, fraction in (("test", cfg.test_fraction), ("validation", cfg.validation_fraction)):
         if split in texts or fraction == 0:
             continue
         kept, cut = stratified_split(labels["train"], fraction, rng)
         texts[split] = [texts["train"][i] for i in cut]
         labels[split] = [labels["train"][i] for i in cut]
-        texts["train"] = [texts["train"][i] for i in kept]
-        labels["train"] = [labels["train"][i] for i in kept]
+        _keep(texts, labels, "train", kept)
         dropped.setdefault(split, Counter())
         log.info("cut a stratified %s split of %d rows from train", split, len(cut))
 
-    if cfg.limit:
-        for split in texts:
-            by_label: dict[str, list[int]] = defaultdict(list)
-            for i, label in enumerate(labels[split]):
-                by_label[label].append(i)
-            keep = balanced_head(by_label, cfg.limit, rng)
-            texts[split] = [texts[split][i] for i in keep]
-            labels[split] = [labels[split][i] for i in keep]
 
-    # Leakage: an evaluation text seen in train (or a test text seen in validation) is dropped from it.
+def limit_splits(texts: Texts, labels: Labels, limit: int, rng: np.random.Generator) -> None:
+    """Smoke runs: at most ``limit`` rows per split, spread over the labels."""
+    for split in texts:
+        by_label: dict[str, list[int]] = defaultdict(list)
+        for i, label in enumerate(labels[split]):
+            by_label[label].append(i)
+        _keep(texts, labels, split, balanced_head(by_label, limit, rng))
+
+
+def drop_leaks(texts: Texts, labels: Labels, dropped: Dropped) -> None:
+    """An evaluation text seen in train (or a test text seen in validation) is dropped from it."""
     seen = set(texts["train"])
     for split in ("validation", "test"):
         if split not in texts:
@@ -203,44 +213,65 @@ def main(cfg: PrepareConfig) -> Path | str:
         keep = [i for i, t in enumerate(texts[split]) if t not in seen]
         dropped[split]["leaked_from_train" if split == "validation" else "leaked_from_train_or_validation"] += (
             len(texts[split]) - len(keep))
-        texts[split] = [texts[split][i] for i in keep]
-        labels[split] = [labels[split][i] for i in keep]
+        _keep(texts, labels, split, keep)
         seen |= set(texts[split])
 
-    label_names = sorted(set(labels["train"]))
-    if len(label_names) < 2:
-        raise InputError(f"train split has {len(label_names)} label(s) {label_names}; a classifier needs at least 2")
-    label_to_id = {name: i for i, name in enumerate(label_names)}
+
+def label_set(texts: Texts, labels: Labels, dropped: Dropped, limited: bool) -> list[str]:
+    """The label names of train, sorted; evaluation labels never seen in train are an error (or, in a
+    ``--limit`` slice that may miss rare train labels, dropped and counted)."""
+    names = sorted(set(labels["train"]))
+    known = set(names)
+    if len(names) < 2:
+        raise InputError(f"train split has {len(names)} label(s) {names}; a classifier needs at least 2")
     for split in ("validation", "test"):
-        unseen = Counter(lab for lab in labels.get(split, []) if lab not in label_to_id)
-        if unseen and not cfg.limit:
+        unseen = Counter(lab for lab in labels.get(split, []) if lab not in known)
+        if unseen and not limited:
             raise InputError(f"{split} split has labels never seen in train: "
                              f"{dict(unseen.most_common(5))} (label: rows); fix the labels or drop those rows")
-        if unseen:  # a --limit slice may miss rare train labels: drop, do not fail
-            keep = [i for i, lab in enumerate(labels[split]) if lab in label_to_id]
+        if unseen:
+            keep = [i for i, lab in enumerate(labels[split]) if lab in known]
             dropped[split]["label_not_in_limited_train"] += len(labels[split]) - len(keep)
-            texts[split] = [texts[split][i] for i in keep]
-            labels[split] = [labels[split][i] for i in keep]
+            _keep(texts, labels, split, keep)
+    return names
 
-    lengths = token_length_stats(texts["train"], cfg.tokenizer, cfg.length_percentile)
+
+def write_splits(staging: Path, texts: Texts, labels: Labels, label_names: list[str],
+                 conflicts: dict[str, dict[str, list[str]]]) -> dict[str, dict]:
+    """The parquet splits, labels.json and conflicts.jsonl; returns each split's row and label counts."""
+    label_to_id = {name: i for i, name in enumerate(label_names)}
     splits_info = {}
+    for split in (s for s in SPLITS if s in texts):
+        pq.write_table(pa.table({
+            "text": pa.array(texts[split], pa.string()),
+            "label": pa.array(labels[split], pa.string()),
+            "label_id": pa.array([label_to_id[lab] for lab in labels[split]], pa.int64()),
+        }), staging / f"{split}.parquet")
+        splits_info[split] = {"rows": len(texts[split]), "label_counts": dict(sorted(Counter(labels[split]).items()))}
+    write_json(staging / "labels.json", label_names)
+    with open(staging / "conflicts.jsonl", "w", encoding="utf-8") as f:
+        for split, texts_labels in conflicts.items():
+            for text, names in texts_labels.items():
+                f.write(json.dumps({"split": split, "text": text, "labels": names}) + "\n")
+    return splits_info
+
+
+def main(cfg: PrepareConfig) -> Path | str:
+    task = get_task(cfg.task)
+    check_can_write(cfg.out, cfg.overwrite)
+    tables, inputs = load_source(cfg.source, cfg.column_names)
+    rng = np.random.default_rng(cfg.seed)
+
+    texts, labels, dropped, conflicts = clean_sources(tables, inputs, cfg, task)
+    cut_missing_splits(texts, labels, dropped, cfg, rng)
+    if cfg.limit:
+        limit_splits(texts, labels, cfg.limit, rng)
+    drop_leaks(texts, labels, dropped)
+    label_names = label_set(texts, labels, dropped, limited=bool(cfg.limit))
+    lengths = token_length_stats(texts["train"], cfg.tokenizer, cfg.length_percentile)
+
     with atomic_dir(cfg.out, cfg.overwrite) as staging:
-        for split in SPLITS:
-            if split not in texts:
-                continue
-            table = pa.table({
-                "text": pa.array(texts[split], pa.string()),
-                "label": pa.array(labels[split], pa.string()),
-                "label_id": pa.array([label_to_id[lab] for lab in labels[split]], pa.int64()),
-            })
-            pq.write_table(table, staging / f"{split}.parquet")
-            counts = Counter(labels[split])
-            splits_info[split] = {"rows": len(texts[split]), "label_counts": dict(sorted(counts.items()))}
-        write_json(staging / "labels.json", label_names)
-        with open(staging / "conflicts.jsonl", "w", encoding="utf-8") as f:
-            for split, texts_labels in conflicts.items():
-                for text, names in texts_labels.items():
-                    f.write(json.dumps({"split": split, "text": text, "labels": names}) + "\n")
+        splits_info = write_splits(staging, texts, labels, label_names, conflicts)
         write_json(staging / "manifest.json", manifest(
             "prepare",
             cfg.model_dump(mode="json"),

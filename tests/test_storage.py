@@ -6,9 +6,10 @@ all in the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-import time
+import threading
 import urllib.request
 import uuid
 
@@ -63,6 +64,33 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _dropping_server():
+    """A 127.0.0.1 listener that accepts and at once closes every connection; yields (endpoint, accepted)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        server.close()
+        thread.join(timeout=5)
 
 
 def _folder(tmp_path, files: dict[str, str]):
@@ -193,10 +221,13 @@ def test_check_writable_errors_name_the_uri_and_the_reason(s3, s3_server):
                                            r"does not exist"):
         storage.check_writable(s3("x", bucket="no-such-bucket"))
 
-    started = time.monotonic()
     with pytest.raises(StorageError, match="cannot reach the storage endpoint"):
         storage.check_writable(s3("x", endpoint=f"127.0.0.1:{_closed_port()}"))
-    assert time.monotonic() - started < 10, "an unreachable endpoint fails fast (one attempt, short timeouts)"
+    # Fails fast: one attempt, no retries. An endpoint that drops every connection sees exactly one.
+    with _dropping_server() as (endpoint, connections):
+        with pytest.raises(StorageError, match="cannot reach the storage endpoint"):
+            storage.check_writable(s3("x", endpoint=endpoint))
+    assert len(connections) == 1, f"{len(connections)} connection attempts: the probe retried"
 
     with pytest.raises(StorageError, match="Unexpected query parameter"):
         storage.check_writable(s3("x") + "&bogus=1")
