@@ -10,33 +10,41 @@ the same command after an interruption resumes too (same run name and storage). 
 weights (gathered from the shards under ZeRO-3) in the final report; the driver turns it into ``--out``:
 a Hugging Face model folder with ``metrics.json``, ``history.jsonl``, ``manifest.json`` and
 ``finetune_config.yaml`` beside the weights.
+
+The DeepSpeed config is generated from the options below (``deepspeed_config``); ``deepspeed.extra`` is
+deep-merged into it. Settings DeepSpeed would ignore, and extra keys that contradict an option, are
+rejected when the config is validated, with the option to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from cluster import storage
 from cluster.settings import get_settings
 from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, read_json, write_json
-from jobs.config import Location, StageConfig, run_stage
+from jobs.config import Location, NameOrPath, StageConfig, run_stage
 from jobs.errors import InputError
-from jobs.prepare import load_prepared
+from jobs.prepare import load_prepared, read_split
 
 log = logging.getLogger("slimray.finetune")
+
+PERSISTENCE_THRESHOLD_DEFAULT = 100_000
 
 
 class DeepSpeedOptions(StageConfig):
@@ -49,14 +57,15 @@ class DeepSpeedOptions(StageConfig):
     reduce_bucket_size: int = Field(default=50_000_000, ge=1, description="Elements per gradient "
                                     "all-reduce/reduce-scatter bucket")
     stage3_param_persistence_threshold: int = Field(
-        default=100_000, ge=0,
-        description="ZeRO-3: parameters smaller than this many elements stay whole on every rank; "
+        default=PERSISTENCE_THRESHOLD_DEFAULT, ge=0,
+        description="ZeRO-3 only: parameters smaller than this many elements stay whole on every rank; "
         "0 partitions every parameter")
-    offload_optimizer: bool = Field(default=False, description="ZeRO-2/3: keep optimizer states in CPU memory "
-                                    "(saves GPU memory; compiles DeepSpeedCPUAdam, ~70 s once)")
+    offload_optimizer: bool = Field(default=False, description="ZeRO-2/3 only: keep optimizer states in CPU "
+                                    "memory (saves GPU memory; compiles DeepSpeedCPUAdam, ~70 s once)")
     bf16: bool = Field(default=True, description="Train in bf16 on GPUs that support it (ignored on CPU)")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Raw keys merged last into the "
-                                  "generated DeepSpeed config (see deepspeed.ai/docs/config-json)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw keys deep-merged last into the "
+                                  "generated DeepSpeed config (see deepspeed.ai/docs/config-json); keys "
+                                  "slimray sets from its own options must keep their value")
 
 
 class FinetuneConfig(StageConfig):
@@ -65,7 +74,7 @@ class FinetuneConfig(StageConfig):
     data: Location = Field(description="Prepared data folder (output of `slimray prepare`): a path or a "
                            "storage URI")
     out: Location = Field(description="Output model folder (written atomically): a path or a storage URI")
-    model: str = Field(default="minilm", description="Pretrained model: local folder, hub id, or 'minilm'")
+    model: NameOrPath = Field(default="minilm", description="Pretrained model: local folder, hub id, or 'minilm'")
     workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); "
                                    "torch threads = max(1, floor(this))")
@@ -97,14 +106,119 @@ class FinetuneConfig(StageConfig):
     overwrite: bool = Field(default=False, description="Replace an existing output folder")
     resume: bool = Field(default=True, description="Resume the Ray Train run of the same config and output if "
                          "one exists (an interrupted or finished run); --no-resume deletes its checkpoints first")
-    fail_after_step: int | None = Field(
-        default=None, ge=1,
-        description="Testing only: on the first attempt, the last rank hard-exits after this step "
-        "to exercise restart-and-resume")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_settings_take_effect(cls, ds: DeepSpeedOptions, info: ValidationInfo) -> DeepSpeedOptions:
+        fields = {**info.data, "deepspeed": ds}
+        if {"zero_stage", "workers", "batch_size", "grad_clip", "seed", "gpu"} <= fields.keys():  # else: already failed
+            problem = deepspeed_problem(fields)
+            if problem:
+                raise ValueError(problem)
+        return ds
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Worker side: helpers around one train_loop_per_worker.
+# The DeepSpeed config: generated from the options, checked so that no setting is silently lost.
+
+# DeepSpeed keys slimray fills from its own options → the option to use instead of deepspeed.extra.
+SET_BY = {
+    "train_micro_batch_size_per_gpu": "--batch-size",
+    "train_batch_size": "--batch-size and --workers (global batch = batch_size x workers)",
+    "gradient_accumulation_steps": "nothing: slimray steps the optimizer after every micro-batch",
+    "gradient_clipping": "--grad-clip",
+    "seed": "--seed",
+    "bf16.enabled": "--gpu with --set deepspeed.bf16=true|false",
+    "zero_optimization.stage": "--zero-stage",
+    "zero_optimization.overlap_comm": "--set deepspeed.overlap_comm=...",
+    "zero_optimization.contiguous_gradients": "--set deepspeed.contiguous_gradients=...",
+    "zero_optimization.reduce_bucket_size": "--set deepspeed.reduce_bucket_size=...",
+    "zero_optimization.stage3_param_persistence_threshold":
+        "--set deepspeed.stage3_param_persistence_threshold=... (ZeRO-3 only)",
+    "zero_optimization.offload_optimizer.device": "--set deepspeed.offload_optimizer=true (ZeRO-2/3 only)",
+}
+
+
+def deepspeed_config(cfg: FinetuneConfig | Mapping[str, Any], use_bf16: bool, extra: bool = True) -> dict[str, Any]:
+    """The config handed to ``deepspeed.initialize``: slimray's options, then ``deepspeed.extra`` deep-merged.
+
+    Args:
+        cfg: the fine-tune config, or a mapping of its field values (what its validator sees).
+        use_bf16: whether bf16 is on (a GPU that supports it and ``deepspeed.bf16``).
+        extra: merge ``deepspeed.extra`` (False gives what slimray alone sets).
+    """
+    f = dict(cfg)
+    ds: DeepSpeedOptions = f["deepspeed"]
+    zero: dict[str, Any] = {
+        "stage": f["zero_stage"],
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if f["zero_stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    generated = {
+        "train_micro_batch_size_per_gpu": f["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": f["batch_size"] * f["workers"],  # Ray Train runs one rank per worker
+        "gradient_clipping": f["grad_clip"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,  # slimray prints its own progress
+        "wall_clock_breakdown": False,
+        "seed": f["seed"],
+    }
+    return deep_merge(generated, ds.extra) if extra else generated
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in: nested mappings merge key by key; any other value replaces."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, Mapping) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def deepspeed_problem(fields: Mapping[str, Any]) -> str | None:
+    """Why DeepSpeed would not do what these options say (None when it would), naming the fix."""
+    ds: DeepSpeedOptions = fields["deepspeed"]
+    stage = fields["zero_stage"]
+    if ds.offload_optimizer and stage < 2:
+        return (f"deepspeed.offload_optimizer=true has no effect at ZeRO-{stage} (DeepSpeed offloads from "
+                "ZeRO-2 on): use --zero-stage 2 or 3, or drop deepspeed.offload_optimizer")
+    if ds.stage3_param_persistence_threshold != PERSISTENCE_THRESHOLD_DEFAULT and stage < 3:
+        return (f"deepspeed.stage3_param_persistence_threshold={ds.stage3_param_persistence_threshold} has no "
+                f"effect at ZeRO-{stage}: use --zero-stage 3, or drop it")
+    use_bf16 = fields["gpu"] and ds.bf16
+    ours, merged = deepspeed_config(fields, use_bf16, extra=False), deepspeed_config(fields, use_bf16)
+    offload = _get(merged, "zero_optimization.offload_optimizer")
+    if offload is not None and not ds.offload_optimizer:  # DeepSpeed's default device "none": no offload
+        return (f"deepspeed.extra sets zero_optimization.offload_optimizer={offload!r}, but optimizer offload "
+                f"is off: use {SET_BY['zero_optimization.offload_optimizer.device']} instead")
+    for key, option in SET_BY.items():
+        got, want = _get(merged, key), _get(ours, key)
+        if got != want:
+            change = f"sets {key}={got!r}" if got is not None else f"removes {key}"
+            return (f"deepspeed.extra {change}, but slimray sets it to {want!r} from its options: use {option} "
+                    "instead, and drop it from deepspeed.extra")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side: small free helpers around one train_loop_per_worker.
 
 
 def log_rank0(msg: str, *args: Any) -> None:
@@ -114,39 +228,56 @@ def log_rank0(msg: str, *args: Any) -> None:
         log.info(msg, *args)
 
 
-def deepspeed_config(cfg: FinetuneConfig, world_size: int, use_bf16: bool) -> dict[str, Any]:
-    zero: dict[str, Any] = {
-        "stage": cfg.zero_stage,
-        "overlap_comm": cfg.deepspeed.overlap_comm,
-        "contiguous_gradients": cfg.deepspeed.contiguous_gradients,
-        "reduce_bucket_size": cfg.deepspeed.reduce_bucket_size,
-    }
-    if cfg.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.stage3_param_persistence_threshold
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.deepspeed.offload_optimizer and cfg.zero_stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.batch_size * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16},
-        "steps_per_print": 10**9,  # slimray prints its own progress
-        "wall_clock_breakdown": False,
-        "seed": cfg.seed,
-    }
-    config.update(cfg.deepspeed.extra)
-    return config
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every rank agrees on before the first step."""
+
+    world: int  # ranks
+    steps_per_epoch: int  # optimizer steps per pass (drop_last: the same on every rank)
+    total_steps: int
+    max_length: int  # tokens
 
 
-def build_engine(cfg: FinetuneConfig, model: Any, total_steps: int, world_size: int, use_bf16: bool):
-    """AdamW (no decay on biases/LayerNorm) with linear warm-up and decay, wrapped by deepspeed.initialize."""
+def init_worker(cfg: FinetuneConfig) -> bool:
+    """Logging, warnings, seed and threads of this worker process; returns whether bf16 is on."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # DeepSpeed calls torch.distributed's *_tensor collectives, deprecated in torch 2.13: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*Passing a function to `iter_torch_batches")
+    torch.manual_seed(cfg.seed)
+    if not cfg.gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    return bool(cfg.gpu and cfg.deepspeed.bf16 and torch.cuda.is_bf16_supported())
+
+
+def plan_steps(cfg: FinetuneConfig, info: dict[str, Any]) -> Plan:
+    import ray.train
+
+    world = ray.train.get_context().get_world_size()
+    steps_per_epoch = info["train_rows"] // world // cfg.batch_size  # drop_last: equal steps on every rank
+    if steps_per_epoch == 0:
+        raise InputError(f"train split has {info['train_rows']} rows: fewer than one batch of {cfg.batch_size} "
+                         f"per worker x {world} workers; lower --batch-size or --workers")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.max_steps:  # a cap: small data still stops after `epochs`
+        total_steps = min(total_steps, cfg.max_steps)
+    return Plan(world, steps_per_epoch, total_steps, cfg.max_length or info["max_length"])
+
+
+def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
+                 ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """(tokenizer, engine): the pretrained model with the task's head and AdamW (no decay on biases/LayerNorm,
+    linear warm-up and decay), wrapped by deepspeed.initialize."""
     import deepspeed
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    from jobs.modeling import load_pretrained_for_training, load_tokenizer
+    from jobs.tasks import get_task
+
+    model = load_pretrained_for_training(cfg.model, info["labels"], get_task(info["task"]).head)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
@@ -159,9 +290,9 @@ def build_engine(cfg: FinetuneConfig, model: Any, total_steps: int, world_size: 
         model_parameters=groups,
         optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr),
         lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps),
-        config=deepspeed_config(cfg, world_size, use_bf16),
+        config=ds_config,
     )
-    return engine
+    return load_tokenizer(cfg.model), engine
 
 
 def memory_footprint(engine: Any, zero_stage: int) -> dict[str, Any]:
@@ -197,19 +328,33 @@ def memory_footprint(engine: Any, zero_stage: int) -> dict[str, Any]:
     }
 
 
-def evaluate_distributed(engine: Any, tokenizer: Any, parquet_path: str, max_length: int, batch_size: int,
-                         label_names: list[str], metrics_fn: Any) -> dict[str, Any]:
+def gather_footprints(engine: Any, zero_stage: int) -> list[dict[str, Any]]:
+    """Every rank's memory footprint, on every rank (a collective: all ranks call it at the same point)."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    footprints: list[Any] = [None] * ctx.get_world_size()
+    dist.all_gather_object(footprints, {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+                                        **memory_footprint(engine, zero_stage)})
+    return footprints
+
+
+def evaluate_distributed(engine: Any, tokenizer: Any, info: dict[str, Any], max_length: int, batch_size: int,
+                         split: str) -> dict[str, Any]:
     """Every rank scores a strided slice (same number of batches on each, as ZeRO-3 needs); rank 0 scores all."""
     import numpy as np
-    import pyarrow.parquet as pq
     import ray.train
     import torch
     import torch.distributed as dist
 
+    from jobs.tasks import get_task
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    table = pq.read_table(parquet_path, columns=["text", "label_id"])
-    texts, labels = table.column("text").to_pylist(), np.asarray(table.column("label_id").to_pylist())
+    rows = read_split(info["data"], split, columns=("text", "label_id"))
+    texts, labels = rows["text"], np.asarray(rows["label_id"])
     mine = list(range(rank, len(texts), world))
     per_rank = math.ceil(len(texts) / world)
     padded = mine + [0] * (per_rank - len(mine))  # padding rows are scored and thrown away
@@ -228,7 +373,7 @@ def evaluate_distributed(engine: Any, tokenizer: Any, parquet_path: str, max_len
     y_pred = np.empty(len(texts), dtype=np.int64)
     for idx, p in gathered:
         y_pred[idx] = p
-    return metrics_fn(labels, y_pred, label_names)
+    return get_task(info["task"]).metrics(labels, y_pred, info["labels"])
 
 
 def save_checkpoint(engine: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -246,24 +391,120 @@ def save_checkpoint(engine: Any, state: dict[str, Any], metrics: dict[str, Any])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def maybe_resume(engine: Any) -> dict[str, Any] | None:
-    """Loads the latest checkpoint into the engine; returns its train state (None on a fresh start)."""
+def maybe_resume(engine: Any) -> dict[str, Any]:
+    """Loads the latest checkpoint into the engine and returns its train state (a fresh one on a fresh start)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "restarts": 0, "resumed_from_step": None}
     with checkpoint.as_directory() as ckpt_dir:
         state = read_json(Path(ckpt_dir) / "train_state.json")
-        if not state.get("finished"):
-            engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+        if state.get("finished"):
+            log_rank0("this run already finished at step %d: reusing its final model (--no-resume retrains)",
+                      state["step"])
+            return state
+        engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+    state.update(resumed_from_step=state["step"], restarts=state.get("restarts", 0) + 1)
+    log_rank0("resumed from checkpoint at step %d (epoch %d)", state["step"], state["epoch"])
     return state
+
+
+@dataclasses.dataclass
+class Meter:
+    """Loss and throughput of the optimizer steps since the last progress row, and of this whole attempt."""
+
+    global_batch: int  # samples per optimizer step, all ranks
+    train_s: float = 0.0  # optimizer steps only: no eval, checkpoint or start-up
+    train_samples: int = 0
+    window_loss: float = 0.0  # this rank's summed loss since the last row
+    window_n: int = 0
+    window_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.train_s += seconds
+        self.train_samples += self.global_batch
+        self.window_loss += loss
+        self.window_n += 1
+
+    def take_window(self) -> tuple[float, float]:
+        """(mean loss on this rank, samples/s) since the last call; starts a new window."""
+        now = time.perf_counter()
+        mean, rate = self.window_loss / self.window_n, self.window_n * self.global_batch / (now - self.window_start)
+        self.window_loss, self.window_n, self.window_start = 0.0, 0, now
+        return mean, rate
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count in the window's samples/s (evaluation, checkpoints)."""
+        start = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - start
+
+
+def epoch_batches(shard: Any, tokenizer: Any, cfg: FinetuneConfig, plan: Plan, epoch: int, device: Any):
+    """This rank's tokenized batches of one pass over its shard (shuffled per epoch, last partial batch dropped)."""
+    import torch
+
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        enc = tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=plan.max_length,
+                        return_tensors="pt")
+        enc["labels"] = torch.tensor(batch["label_id"], dtype=torch.long)
+        return {k: v.to(device) for k, v in enc.items()}
+
+    return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
+                                    local_shuffle_buffer_size=max(cfg.batch_size * 8, 256),
+                                    local_shuffle_seed=cfg.seed + epoch, device="cpu")
+
+
+def train_steps(engine: Any, batches: Any, state: dict[str, Any], meter: Meter) -> Iterator[None]:
+    """One optimizer step per batch, yielding after each (``state`` counts them); skips the batches of this
+    epoch that a resumed checkpoint already trained on."""
+    for i, batch in enumerate(batches):
+        if i < state["batch_in_epoch"]:
+            continue
+        t0 = time.perf_counter()
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        meter.add(loss.item(), time.perf_counter() - t0)
+        state.update(step=state["step"] + 1, batch_in_epoch=i + 1)
+        yield
+
+
+def log_progress(engine: Any, meter: Meter, state: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """Averages the window's loss over ranks (a collective), logs it on rank 0; returns the history row."""
+    import torch
+    import torch.distributed as dist
+
+    loss, rate = meter.take_window()
+    mean = torch.tensor([loss])
+    dist.all_reduce(mean)
+    row = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / plan.steps_per_epoch, 3),
+           "loss": round(mean.item() / dist.get_world_size(), 5), "lr": engine.get_lr()[0],
+           "samples_per_s": round(rate, 1)}
+    log_rank0("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s", row["step"], plan.total_steps,
+              row["epoch"], row["loss"], row["lr"], rate)
+    return row
+
+
+def evaluate_and_checkpoint(engine: Any, evaluate: Any, state: dict[str, Any], epoch_end: bool) -> None:
+    """Scores validation (when ``evaluate`` is given), closes the epoch if it ended, and checkpoints."""
+    metrics: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
+    if evaluate:
+        val = evaluate("validation")
+        state["history"].append({"step": state["step"], "val_accuracy": val["accuracy"],
+                                 "val_macro_f1": val["macro_f1"]})
+        metrics.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
+        log_rank0("step %d  validation accuracy %.4f  macro-F1 %.4f", state["step"], val["accuracy"],
+                  val["macro_f1"])
+    if epoch_end:
+        state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+    save_checkpoint(engine, state, metrics)
 
 
 def export_model(engine: Any, tokenizer: Any, zero_stage: int, out_dir: Path) -> None:
     """Rank 0 writes fp32 safetensors; under ZeRO-3 every rank joins the gather of the partitions."""
-    import contextlib
-
     import deepspeed
     import ray.train
     import torch
@@ -279,164 +520,82 @@ def export_model(engine: Any, tokenizer: Any, zero_stage: int, out_dir: Path) ->
             tokenizer.save_pretrained(out_dir)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
+def final_report(engine: Any, tokenizer: Any, evaluate: Any, cfg: FinetuneConfig, info: dict[str, Any],
+                 state: dict[str, Any], footprints: list[dict[str, Any]], meter: Meter) -> None:
+    """Scores validation and test, exports the model, and reports both as the run's last checkpoint."""
     import ray.train
-    import torch
-    import torch.distributed as dist
 
-    from jobs.modeling import load_pretrained_for_training, load_tokenizer
-    from jobs.tasks import get_task
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # DeepSpeed calls torch.distributed's *_tensor collectives, deprecated in torch 2.13: one warning per call.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    warnings.filterwarnings("ignore", message=".*Passing a function to `iter_torch_batches")
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    info = config["data"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    if not cfg.gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    use_bf16 = cfg.gpu and cfg.deepspeed.bf16 and torch.cuda.is_bf16_supported()
-    task = get_task(info["task"])
-    label_names: list[str] = info["labels"]
-    max_length = cfg.max_length or info["max_length"]
-
-    steps_per_epoch = info["train_rows"] // world // cfg.batch_size  # drop_last: equal steps on every rank
-    if steps_per_epoch == 0:
-        raise InputError(f"train split has {info['train_rows']} rows: fewer than one batch of {cfg.batch_size} "
-                         f"per worker x {world} workers; lower --batch-size or --workers")
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps:  # a cap: small data still stops after `epochs`
-        total_steps = min(total_steps, cfg.max_steps)
-
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_pretrained_for_training(cfg.model, label_names, task.head)
-    engine = build_engine(cfg, model, total_steps, world, use_bf16)
-    footprints: list[Any] = [None] * world  # filled after the first step, once optimizer states exist
-
-    state = maybe_resume(engine) or {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "restarts": 0}
-    resumed_from = state["step"] if state["step"] else None
-    if resumed_from:
-        state["restarts"] = state.get("restarts", 0) + 1
-        log_rank0("resumed from checkpoint at step %d (epoch %d)", state["step"], state["epoch"])
-    if state.get("finished"):
-        log_rank0("this run already finished at step %d: reusing its final model (--no-resume retrains)",
-                  state["step"])
-        return  # the final report (and its model) is already in storage
-
-    log_rank0("training: %d workers x %d threads, ZeRO-%d, %d steps (%d per epoch), global batch %d, max_length %d",
-              world, torch.get_num_threads(), cfg.zero_stage, total_steps, steps_per_epoch, cfg.batch_size * world,
-              max_length)
-    shard = ray.train.get_dataset_shard("train")
-
-    def collate(batch: dict[str, Any]) -> dict[str, Any]:
-        enc = tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        enc["labels"] = torch.tensor(batch["label_id"], dtype=torch.long)
-        return {k: v.to(engine.device) for k, v in enc.items()}
-
-    def evaluate(split: str) -> dict[str, Any]:
-        return evaluate_distributed(engine, tokenizer, info["paths"][split], max_length, cfg.eval_batch_size,
-                                    label_names, task.metrics)
-
-    train_time, train_samples = 0.0, 0
-    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
-    step = state["step"]
-    engine.train()
-    while step < total_steps:
-        epoch = state["epoch"]
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
-                                           local_shuffle_buffer_size=max(cfg.batch_size * 8, 256),
-                                           local_shuffle_seed=cfg.seed + epoch, device="cpu")
-        for i, batch in enumerate(batches):
-            if i < state["batch_in_epoch"]:
-                continue  # resumed mid-epoch: skip what the checkpoint already trained on
-            t0 = time.perf_counter()
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            train_time += time.perf_counter() - t0
-            train_samples += cfg.batch_size * world
-            step += 1
-            if footprints[0] is None:
-                dist.all_gather_object(footprints, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                                                    **memory_footprint(engine, cfg.zero_stage)})
-            state.update(step=step, batch_in_epoch=i + 1)
-            window_loss += loss.item()
-            window_n += 1
-            epoch_end = i + 1 == steps_per_epoch or step == total_steps
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                mean = torch.tensor([window_loss / window_n])
-                dist.all_reduce(mean)
-                rate = window_n * cfg.batch_size * world / (time.perf_counter() - window_start)
-                row = {"step": step, "epoch": round(epoch + (i + 1) / steps_per_epoch, 3),
-                       "loss": round(mean.item() / world, 5), "lr": engine.get_lr()[0],
-                       "samples_per_s": round(rate, 1)}
-                state["history"].append(row)
-                log_rank0("step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f samples/s", step, total_steps,
-                          row["epoch"], row["loss"], row["lr"], rate)
-                window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
-
-            do_eval = epoch_end or (cfg.eval_every and step % cfg.eval_every == 0)
-            do_ckpt = epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            if do_eval or do_ckpt:
-                pause = time.perf_counter()
-                metrics = {"step": step, "epoch": epoch}
-                if do_eval:
-                    val = evaluate("validation")
-                    state["history"].append({"step": step, "val_accuracy": val["accuracy"],
-                                             "val_macro_f1": val["macro_f1"]})
-                    metrics.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
-                    log_rank0("step %d  validation accuracy %.4f  macro-F1 %.4f", step, val["accuracy"],
-                              val["macro_f1"])
-                if epoch_end:
-                    state.update(epoch=epoch + 1, batch_in_epoch=0)
-                save_checkpoint(engine, state, metrics)
-                if cfg.fail_after_step and resumed_from is None and step >= cfg.fail_after_step \
-                        and rank == world - 1:
-                    # Testing only. Ray polls reports every 2 s; wait so this checkpoint is registered first.
-                    time.sleep(4)
-                    log.error("fail_after_step=%d: rank %d exits on purpose", cfg.fail_after_step, rank)
-                    os._exit(1)
-                window_start += time.perf_counter() - pause  # the log's samples/s counts training only
-            if epoch_end:
-                break
-        else:  # the shard ran out before steps_per_epoch batches: count the epoch as done
-            log_rank0("epoch %d ended after %d batches (expected %d)", epoch, state["batch_in_epoch"], steps_per_epoch)
-            state.update(epoch=epoch + 1, batch_in_epoch=0)
-
-    if footprints[0] is None:  # resumed after the last step: no step ran in this attempt
-        dist.all_gather_object(footprints, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                                            **memory_footprint(engine, cfg.zero_stage)})
     val = evaluate("validation")
-    test = evaluate("test") if "test" in info["paths"] else None
+    test = evaluate("test") if "test" in info["splits"] else None
     state["finished"] = True
     final = {
-        "step": step,
+        "step": state["step"],
         "validation": val,
         "test": test,
         "history": state["history"],
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": state.get("resumed_from_step"),
         "restarts": state.get("restarts", 0),
         # Throughput of this attempt's optimizer steps alone (no eval, checkpoint or start-up).
-        "train_samples_per_s": train_samples / train_time if train_time else None,
+        "train_samples_per_s": meter.train_samples / meter.train_s if meter.train_s else None,
         "per_rank": footprints,
     }
+    rank0 = ray.train.get_context().get_world_rank() == 0
     tmp = Path(tempfile.mkdtemp(prefix="slimray-final-"))
     try:
         export_model(engine, tokenizer, cfg.zero_stage, tmp / "model")
-        if rank == 0:
+        if rank0:
             write_json(tmp / "train_state.json", state)
             write_json(tmp / "final.json", final)
-        summary = {"step": step, "finished": True, "val_accuracy": val["accuracy"],
+        summary = {"step": state["step"], "finished": True, "val_accuracy": val["accuracy"],
                    "test_accuracy": test["accuracy"] if test else None}
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank0 else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker, one DeepSpeed rank: set up, resume, train epoch by epoch, report the final model."""
+    import ray.train
+    import torch
+
+    cfg, info = FinetuneConfig.model_validate(config["cfg"]), config["data"]
+    use_bf16 = init_worker(cfg)
+    plan = plan_steps(cfg, info)
+    tokenizer, engine = build_engine(cfg, info, plan.total_steps, deepspeed_config(cfg, use_bf16))
+    state = maybe_resume(engine)
+    if state.get("finished"):
+        return  # its final report (and model) is already in storage
+    log_rank0("training: %d workers x %d threads, ZeRO-%d, %d steps (%d per epoch), global batch %d, max_length %d",
+              plan.world, torch.get_num_threads(), cfg.zero_stage, plan.total_steps, plan.steps_per_epoch,
+              cfg.batch_size * plan.world, plan.max_length)
+    evaluate = functools.partial(evaluate_distributed, engine, tokenizer, info, plan.max_length, cfg.eval_batch_size)
+    shard, meter = ray.train.get_dataset_shard("train"), Meter(global_batch=cfg.batch_size * plan.world)
+    footprints = None  # gathered after the first step, once optimizer states exist
+    engine.train()
+    while state["step"] < plan.total_steps:
+        epoch = state["epoch"]
+        for _ in train_steps(engine, epoch_batches(shard, tokenizer, cfg, plan, epoch, engine.device), state, meter):
+            footprints = footprints or gather_footprints(engine, cfg.zero_stage)
+            step, last = state["step"], state["step"] == plan.total_steps
+            epoch_end = state["batch_in_epoch"] == plan.steps_per_epoch or last
+            if due(step, cfg.log_every) or last:
+                state["history"].append(log_progress(engine, meter, state, plan))
+            do_eval = epoch_end or due(step, cfg.eval_every)
+            if do_eval or due(step, cfg.checkpoint_every):
+                with meter.paused():  # the log's samples/s counts training only
+                    evaluate_and_checkpoint(engine, evaluate if do_eval else None, state, epoch_end)
+            if epoch_end:
+                break
+        else:  # the shard ran out before steps_per_epoch batches: count the epoch as done
+            log_rank0("epoch %d ended after %d batches (expected %d)", epoch, state["batch_in_epoch"],
+                      plan.steps_per_epoch)
+            state.update(epoch=epoch + 1, batch_in_epoch=0)
+    footprints = footprints or gather_footprints(engine, cfg.zero_stage)  # resumed after the last step
+    final_report(engine, tokenizer, evaluate, cfg, info, state, footprints, meter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,7 +604,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_name(cfg: FinetuneConfig) -> str:
     """Same output and config → same Ray Train run, so re-running an interrupted command resumes it."""
-    key = cfg.model_dump(mode="json", exclude={"overwrite", "resume", "fail_after_step", "max_failures"})
+    key = cfg.model_dump(mode="json", exclude={"overwrite", "resume", "max_failures"})
     key["out"] = storage.canonical(cfg.out)
     key["data"] = storage.canonical(cfg.data)
     return "finetune-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -462,48 +621,45 @@ def delete_run(storage_path: str, name: str) -> None:
         fs.delete_dir(path)
 
 
-def main(cfg: FinetuneConfig) -> Path | str:
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def check_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
+    """Checks the data folder and the model before any worker starts; returns (local copy, data info).
 
-    from cluster.ray_env import connect
+    The data info travels to the workers: task, labels, max_length, train rows, the data location every
+    node can read (the URI itself, or the shared path) and the splits it holds.
+    """
     from jobs.modeling import resolve_model
     from jobs.tasks import get_task
 
-    started = time.time()
-    out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out).expanduser().resolve()
-    check_can_write(out, cfg.overwrite)
-    settings = get_settings()
-    # Ray Train checkpoints straight to the storage root (a shared path or a URI): check it before any work.
-    ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
-    storage.check_writable(ray_storage)
     data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
     get_task(data_manifest["task"])
     resolve_model(cfg.model)  # a bad model path fails here, before any worker starts
-    # Workers and Ray Data read the splits where every node can: the URI itself, or the shared path.
-    data_location = storage.canonical(cfg.data)
-    paths = {s: storage.join(data_location, f"{s}.parquet") for s in ("train", "validation", "test")
-             if (data_dir / f"{s}.parquet").is_file()}
-    if "validation" not in paths:
+    splits = [s for s in ("train", "validation", "test") if (data_dir / f"{s}.parquet").is_file()]
+    if "validation" not in splits:
         raise InputError(f"{data_dir} has no validation.parquet; re-run `slimray prepare`")
-    data_info = {
+    return data_dir, {
         "task": data_manifest["task"],
         "labels": data_manifest["labels"],
         "max_length": data_manifest["max_length"],
         "train_rows": data_manifest["splits"]["train"]["rows"],
-        "paths": paths,
+        "data": storage.canonical(cfg.data),
+        "splits": splits,
     }
 
-    connect(settings)
+
+def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, name: str):
+    """The TorchTrainer of this run: one worker per rank, its train split already read by Ray Data."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     # Read before the workers start: with every CPU held by a worker, no read task could run afterwards.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = ray.data.read_parquet(paths["train"]).select_columns(["text", "label_id"]).materialize()
-    name = run_name(cfg)
-    trainer = TorchTrainer(
+    train_ds = ray.data.read_parquet(storage.join(info["data"], "train.parquet")).select_columns(
+        ["text", "label_id"]).materialize()
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": data_info},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info},
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -519,6 +675,74 @@ def main(cfg: FinetuneConfig) -> Path | str:
         ),
         datasets={"train": train_ds},
     )
+
+
+def artifact_metrics(final: dict[str, Any], cfg: FinetuneConfig, started: float) -> dict[str, Any]:
+    """metrics.json: the test split's scores (validation's when there is no test split) and how the run went."""
+    evaluated = final["test"] or final["validation"]
+    return {
+        "split": "test" if final["test"] else "validation",
+        "accuracy": evaluated["accuracy"],
+        "macro_f1": evaluated["macro_f1"],
+        "n": evaluated["n"],
+        "per_class": evaluated["per_class"],
+        "validation": {k: final["validation"][k] for k in ("accuracy", "macro_f1", "n")},
+        "train_samples_per_s": final["train_samples_per_s"],
+        "wall_s": round(time.time() - started, 1),
+        "steps": final["step"],
+        "resumed_from_step": final["resumed_from_step"],
+        "restarts": final["restarts"],
+        "distributed": {"workers": cfg.workers, "zero_stage": cfg.zero_stage, "per_rank": final["per_rank"]},
+    }
+
+
+def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConfig, data_dir: Path,
+                   info: dict[str, Any], name: str, started: float) -> dict[str, Any]:
+    """Fills the output folder from the final checkpoint: weights, metrics, history, config, manifest."""
+    from jobs.modeling import resolve_model
+
+    final = read_json(ckpt / "final.json")
+    for f in (ckpt / "model").iterdir():
+        shutil.copy2(f, staging / f.name)
+    metrics = artifact_metrics(final, cfg, started)
+    write_json(staging / "metrics.json", metrics)
+    with open(staging / "history.jsonl", "w", encoding="utf-8") as f:
+        for row in final["history"]:
+            f.write(json.dumps(row) + "\n")
+    (staging / "finetune_config.yaml").write_text(
+        f"# Resolved config of this model. Re-run: slimray finetune --config "
+        f"{storage.join(out, 'finetune_config.yaml')}\n"
+        + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    write_json(staging / "manifest.json", manifest(
+        "finetune", cfg.model_dump(mode="json"),
+        task=info["task"],
+        base_model=cfg.model,
+        base_model_path=resolve_model(cfg.model),
+        data=info["data"],
+        data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
+        labels=info["labels"],
+        max_length=cfg.max_length or info["max_length"],
+        ray_train_run=name,
+    ))
+    return metrics
+
+
+def main(cfg: FinetuneConfig) -> Path | str:
+    """Checks the inputs, runs (or resumes) the Ray Train run, and writes the model folder at ``cfg.out``."""
+    from cluster.ray_env import connect
+
+    started = time.time()
+    out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out).expanduser().resolve()
+    check_can_write(out, cfg.overwrite)
+    settings = get_settings()
+    # Ray Train checkpoints straight to the storage root (a shared path or a URI): check it before any work.
+    ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
+    storage.check_writable(ray_storage)
+    data_dir, info = check_data(cfg)
+
+    connect(settings)
+    name = run_name(cfg)
+    trainer = build_trainer(cfg, info, ray_storage, name)
     if not cfg.resume:
         delete_run(ray_storage, name)
     log.info("Ray Train run %s (storage %s)", name, storage.redact(ray_storage))
@@ -531,43 +755,7 @@ def main(cfg: FinetuneConfig) -> Path | str:
                            f"{storage.redact(ray_storage)})")
 
     with atomic_dir(out, cfg.overwrite) as staging, result.checkpoint.as_directory() as ckpt:
-        final = read_json(Path(ckpt) / "final.json")
-        for f in (Path(ckpt) / "model").iterdir():
-            shutil.copy2(f, staging / f.name)
-        evaluated = final["test"] or final["validation"]
-        metrics = {
-            "split": "test" if final["test"] else "validation",
-            "accuracy": evaluated["accuracy"],
-            "macro_f1": evaluated["macro_f1"],
-            "n": evaluated["n"],
-            "per_class": evaluated["per_class"],
-            "validation": {k: final["validation"][k] for k in ("accuracy", "macro_f1", "n")},
-            "train_samples_per_s": final["train_samples_per_s"],
-            "wall_s": round(time.time() - started, 1),
-            "steps": final["step"],
-            "resumed_from_step": final["resumed_from_step"],
-            "restarts": final["restarts"],
-            "distributed": {"workers": cfg.workers, "zero_stage": cfg.zero_stage, "per_rank": final["per_rank"]},
-        }
-        write_json(staging / "metrics.json", metrics)
-        with open(staging / "history.jsonl", "w", encoding="utf-8") as f:
-            for row in final["history"]:
-                f.write(json.dumps(row) + "\n")
-        (staging / "finetune_config.yaml").write_text(
-            f"# Resolved config of this model. Re-run: slimray finetune --config "
-            f"{storage.join(out, 'finetune_config.yaml')}\n"
-            + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-        write_json(staging / "manifest.json", manifest(
-            "finetune", cfg.model_dump(mode="json"),
-            task=data_info["task"],
-            base_model=cfg.model,
-            base_model_path=resolve_model(cfg.model),
-            data=data_location,
-            data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
-            labels=data_info["labels"],
-            max_length=cfg.max_length or data_info["max_length"],
-            ray_train_run=name,
-        ))
+        metrics = write_artifact(staging, Path(ckpt), out, cfg, data_dir, info, name, started)
     log.info("wrote %s: %s accuracy %.4f, macro-F1 %.4f (%d steps, %.0f s)", out, metrics["split"],
              metrics["accuracy"], metrics["macro_f1"], metrics["steps"], metrics["wall_s"])
     return out

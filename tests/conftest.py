@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -95,20 +98,68 @@ def ray_session(isolated_network, tmp_path_factory):
     ray.shutdown()
 
 
+def registered_checkpoint_step(run_dir: Path) -> int:
+    """The `step` metric of the latest checkpoint a Ray Train run has registered (0 before its first).
+
+    A checkpoint folder appears in storage while the workers upload it, before Ray Train accepts it; the
+    run's snapshot file is rewritten only once the controller has registered the checkpoint.
+    """
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or read mid-write: poll again
+        return 0
+    return int(latest["metrics"]["step"]) if latest else 0
+
+
+def kill_a_worker_once_checkpointed(run_dir: Path, step: int, done: threading.Event, result: dict,
+                                    timeout_s: float = 900.0) -> None:
+    """A real fault from outside the product: once the run has registered its checkpoint of `step`, SIGKILL one
+    of its Ray Train worker processes. Runs in a thread beside the driver; polls until `done` or `timeout_s`.
+
+    The controller takes one report per poll, polls at least 2 s apart, and registers a checkpoint only when
+    every rank has reported it, so the kill (milliseconds after the registration is seen) lands before the
+    next checkpoint can be registered: the run resumes from exactly `step`.
+    """
+    from ray.util.state import list_actors
+
+    try:
+        deadline, pids = time.monotonic() + timeout_s, []
+        while not done.is_set() and time.monotonic() < deadline:
+            if not pids:  # found before the checkpoint, so that nothing stands between seeing it and the kill
+                pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                            ("state", "=", "ALIVE")])]
+            elif registered_checkpoint_step(run_dir) >= step:
+                os.kill(pids[-1], signal.SIGKILL)
+                result.update(pid=pids[-1], registered_step=registered_checkpoint_step(run_dir))
+                return
+            done.wait(0.05)  # poll interval
+    except Exception as e:  # surfaced by the fixture: a fault that never happened must not pass silently
+        result["error"] = repr(e)
+
+
 @pytest.fixture(scope="session")
 def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
     """The one short ZeRO-3 run the integration tests share: 2 workers, every parameter partitioned, and a
-    worker killed after the step-4 checkpoint on the first attempt (the run must resume and finish)."""
-    from jobs.finetune import FinetuneConfig, main
+    worker process killed (SIGKILL, from the test) once the step-4 checkpoint is registered; the run must
+    restart, resume from that checkpoint and finish."""
+    from jobs.finetune import FinetuneConfig, main, run_name
 
     out = tmp_path_factory.mktemp("ft") / "model"
     cfg = FinetuneConfig(
         data=sample_data, out=out, model=str(tiny_encoder), workers=2, cpus_per_worker=1, zero_stage=3,
-        max_steps=8, batch_size=16, lr=3e-4, warmup_ratio=0.0, checkpoint_every=2, log_every=2,
-        fail_after_step=4, max_failures=2,
+        max_steps=8, batch_size=16, lr=3e-4, warmup_ratio=0.0, checkpoint_every=2, log_every=2, max_failures=2,
         deepspeed={"stage3_param_persistence_threshold": 0},
     )
-    main(cfg)
+    run_dir = Path(get_settings().storage_root).expanduser().resolve() / "ray_train" / run_name(cfg)
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, 4, done, killed), daemon=True)
+    killer.start()
+    try:
+        main(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert "pid" in killed, f"no worker was killed after the step-4 checkpoint: {killed}"
     return out
 
 

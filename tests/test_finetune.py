@@ -4,21 +4,86 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from jobs.artifacts import file_sha256
+from jobs.config import ConfigError, parse_args
 from jobs.errors import InputError
 from jobs.finetune import FinetuneConfig, deepspeed_config, main, run_name
 
 
-def test_deepspeed_config_from_options():
-    cfg = FinetuneConfig(data="d", out="o", zero_stage=3, batch_size=8,
-                         deepspeed={"stage3_param_persistence_threshold": 0, "extra": {"zero_allow_untested_optimizer": True}})
-    ds = deepspeed_config(cfg, world_size=2, use_bf16=False)
-    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert ds["zero_allow_untested_optimizer"] is True and ds["bf16"] == {"enabled": False}
+def deepspeed_reads(cfg: FinetuneConfig):
+    """What DeepSpeed itself reads from the config slimray generates (one rank: no process group needed)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig(deepspeed_config(cfg, use_bf16=False))
+
+
+def test_zero_stage_from_the_command_line_reaches_deepspeed():
+    cfg = parse_args(FinetuneConfig, ["--data", "d", "--out", "o", "--workers", "1", "--zero-stage", "3",
+                                      "--batch-size", "8", "--set", "deepspeed.stage3_param_persistence_threshold=0"],
+                     "t")
+    worker_cfg = FinetuneConfig.model_validate(cfg.model_dump(mode="json"))  # as train_loop_config carries it
+    ds = deepspeed_reads(worker_cfg)
+    # ZeRO-3 with threshold 0: DeepSpeed partitions every parameter, however small.
+    assert ds.zero_optimization_stage == 3 and ds.zero_config.param_persistence_threshold == 0
+    assert ds.train_micro_batch_size_per_gpu == 8 and ds.train_batch_size == 8
+    assert ds.bfloat16_config.enabled is False
+
+
+def test_extra_is_deep_merged_and_keeps_what_slimray_sets():
+    ds = deepspeed_reads(FinetuneConfig(data="d", out="o", workers=1, zero_stage=3, deepspeed={
+        "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1000,
+        "extra": {"zero_optimization": {"stage3_max_live_parameters": 1000}, "zero_allow_untested_optimizer": True}}))
+    # A shallow merge replaced the whole zero_optimization section: stage 0, threshold and bucket lost.
+    assert ds.zero_optimization_stage == 3
+    assert ds.zero_config.param_persistence_threshold == 0 and ds.zero_config.reduce_bucket_size == 1000
+    assert ds.zero_config.max_live_parameters == 1000 and ds.zero_allow_untested_optimizer is True
+
+
+def test_offload_reaches_deepspeed_with_extra_sub_keys():
+    ds = deepspeed_reads(FinetuneConfig(data="d", out="o", workers=1, zero_stage=2, deepspeed={
+        "offload_optimizer": True, "extra": {"zero_optimization": {"offload_optimizer": {"pin_memory": True}}}}))
+    assert ds.zero_optimization_stage == 2
+    assert ds.zero_config.offload_optimizer.device == "cpu" and ds.zero_config.offload_optimizer.pin_memory is True
+
+
+def test_extra_may_repeat_what_slimray_sets():
+    cfg = FinetuneConfig(data="d", out="o", workers=2, batch_size=8, zero_stage=2,
+                         deepspeed={"extra": {"train_batch_size": 16, "zero_optimization": {"stage": 2}}})
+    assert deepspeed_config(cfg, use_bf16=False)["train_batch_size"] == 16
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"zero_stage": 1, "deepspeed": {"offload_optimizer": True}},
+     "offload_optimizer=true has no effect at ZeRO-1 .*use --zero-stage 2 or 3"),
+    ({"zero_stage": 2, "deepspeed": {"stage3_param_persistence_threshold": 0}},
+     "stage3_param_persistence_threshold=0 has no effect at ZeRO-2: use --zero-stage 3"),
+    ({"zero_stage": 3, "deepspeed": {"extra": {"zero_optimization": {"stage": 2}}}},
+     "deepspeed.extra sets zero_optimization.stage=2, but slimray sets it to 3 .*use --zero-stage"),
+    ({"batch_size": 8, "workers": 2, "deepspeed": {"extra": {"train_batch_size": 64}}},
+     "train_batch_size=64, but slimray sets it to 16 .*use --batch-size and --workers"),
+    ({"deepspeed": {"extra": {"zero_optimization": 3}}}, "deepspeed.extra removes zero_optimization.stage"),
+    ({"zero_stage": 2, "deepspeed": {"extra": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}}},
+     "offload_optimizer=.*'device': 'cpu'.*optimizer offload is off: use --set deepspeed.offload_optimizer=true"),
+    ({"zero_stage": 2, "deepspeed": {"extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}},
+     "stage3_param_persistence_threshold=0, but slimray sets it to None .*ZeRO-3 only"),
+    ({"deepspeed": {"extra": {"bf16": {"enabled": True}}}}, "bf16.enabled=True.*use --gpu"),
+    ({"deepspeed": {"extra": {"gradient_clipping": 5.0}}}, "gradient_clipping=5.0.*use --grad-clip"),
+])
+def test_settings_deepspeed_would_ignore_or_that_contradict_an_option_are_rejected(options, message):
+    with pytest.raises(ValidationError, match=message) as e:
+        FinetuneConfig(data="d", out="o", **options)
+    assert e.value.errors()[0]["loc"] == ("deepspeed",)
+
+
+def test_rejected_deepspeed_settings_fail_the_command_line_with_the_fix():
+    with pytest.raises(ConfigError, match=r"deepspeed: .*offload_optimizer=true has no effect at ZeRO-0.*"
+                                          r"\(got \{'offload_optimizer': True\}\)"):
+        parse_args(FinetuneConfig, ["--data", "d", "--out", "o", "--zero-stage", "0",
+                                    "--set", "deepspeed.offload_optimizer=true"], "t")
+    with pytest.raises(ConfigError, match="fail_after_step.*unknown key"):  # no test hooks in the product
+        parse_args(FinetuneConfig, ["--data", "d", "--out", "o", "--set", "fail_after_step=4"], "t")
 
 
 def test_run_name_is_stable_and_changes_with_config():
