@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -176,28 +178,25 @@ def test_address_precedence():
 
 @pytest.fixture
 def token_env(monkeypatch, tmp_path):
-    """A clean token environment (HOME without a token), shared with Ray's token loader."""
-    import ray
-    from ray._raylet import AuthenticationTokenLoader
-
-    if ray.is_initialized():  # the loader is process-wide: without a token, the running driver's core aborts
-        pytest.skip("token tests need a process without a Ray driver (the unit tests run first)")
+    """A clean token environment (HOME without a token). Ray's own token loader is process-wide (a running
+    driver's core aborts if it is reset), so it is only ever asked in a fresh process (``ray_says``)."""
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    AuthenticationTokenLoader.instance().reset_cache()
     yield monkeypatch
-    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def ray_says() -> str | None:
+    """The token Ray's own loader finds in this environment, asked in a fresh process."""
+    code = ("from ray._raylet import AuthenticationTokenLoader as L; "
+            "h = L.instance().get_token_for_http_header(ignore_auth_mode=True); "
+            "print(h.get('authorization', '').removeprefix('Bearer '))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip() or None
 
 
 def test_token_lookup_matches_rays_loader(token_env, tmp_path):
-    from ray._raylet import AuthenticationTokenLoader
-
-    def ray_says():
-        AuthenticationTokenLoader.instance().reset_cache()
-        header = AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
-        return header.get("authorization", "").removeprefix("Bearer ") or None
-
     assert sub.find_token(os.environ) == (None, None) and ray_says() is None
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
