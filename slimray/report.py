@@ -8,35 +8,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from jobs.artifacts import read_json
-from tuning.report import describe_pipeline
+from tuning.report import SUMMARY_COLUMNS, describe_pipeline, summary_markdown, summary_rows, trial_table
 
-# (column title, metrics.json key, decimals) of the base-vs-chosen table.
-SUMMARY_COLUMNS = (("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("latency b1 (ms)", "latency_ms_b1", 3),
-                   ("latency b32 (ms)", "latency_ms_b32", 2), ("size (MB)", "size_mb", 2))
+__all__ = ["SUMMARY_COLUMNS", "goals_section", "print_summary", "summary_text", "write_report"]
+
 ALTERNATIVE = [{"method": "quantize", "backend": "onnx-int8"}]  # the one-step alternative: ONNX int8 alone
 # The project's goals (issues "Compression" and "Serving"), set against the measured figures in the report.
 GOAL_SPEEDUP_VS_ALTERNATIVE = 2.0  # chosen vs ONNX Runtime int8 alone, at batch 1 ...
 GOAL_SMALLER_VS_ALTERNATIVE = 2.0  # ... and in size, within the accuracy constraint
 GOAL_SERVE_OVERHEAD_MS = 3.0  # p50 of a served single message minus the model's own batch-1 latency
 GOAL_SERVE_BATCH_SHARE = 0.8  # served texts/s with 32-text requests over the raw batch-32 forward pass
-
-
-def summary_rows(m: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """Rows of the base-vs-chosen table, straight from ``chosen/metrics.json``."""
-    base = m["base"]
-    return [
-        ("base (fine-tuned)", [f"{base[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
-        ("chosen", [f"{m[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
-        ("ratio", [f"{-m['accuracy_drop_pts']:+.2f} pts", f"{100 * (m['macro_f1'] - base['macro_f1']):+.2f} pts",
-                   f"{m['speedup_b1']:.2f}x faster", f"{m['speedup_b32']:.2f}x faster",
-                   f"{m['size_reduction']:.2f}x smaller"]),
-    ]
+STAGE_NAMES = ("prepare", "finetune", "compress", "smoke")
 
 
 def summary_text(m: dict[str, Any]) -> str:
@@ -47,15 +36,201 @@ def summary_text(m: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def summary_markdown(m: dict[str, Any]) -> str:
-    lines = ["| | " + " | ".join(t for t, _, _ in SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in summary_rows(m)]
-    return "\n".join(lines)
-
-
 def print_summary(m: dict[str, Any]) -> None:
+    """Prints the base-vs-chosen table of ``chosen/metrics.json`` to stdout."""
     print(f"\nBase vs chosen ({m['split']} split, latency at {m['latency_threads']} thread(s); chosen/metrics.json):")
     print(summary_text(m), flush=True)
+
+
+@dataclass
+class RunArtifacts:
+    """What the stages of one run wrote, read back once for every section of the report."""
+
+    run: dict[str, Any]  # run.json: source, profile, command
+    data: dict[str, Any]  # data/manifest.json
+    ft_metrics: dict[str, Any]  # ft/metrics.json
+    ft_manifest: dict[str, Any]  # ft/manifest.json
+    history: list[dict[str, Any]]  # ft/history.jsonl, one record per logged step
+    trials: dict[str, Any]  # compress/trials.json: base, chosen, trials
+    chosen: dict[str, Any]  # compress/chosen/metrics.json
+    chosen_manifest: dict[str, Any]  # compress/chosen/manifest.json
+    compress_config: dict[str, Any]  # compress/compress_config.json
+    smoke: dict[str, Any]  # smoke.json
+
+    @classmethod
+    def read(cls, out: Path) -> RunArtifacts:
+        ft, comp = out / "ft", out / "compress"
+        history = [json.loads(line) for line in (ft / "history.jsonl").read_text().splitlines() if line.strip()]
+        return cls(run=read_json(out / "run.json"), data=read_json(out / "data" / "manifest.json"),
+                   ft_metrics=read_json(ft / "metrics.json"), ft_manifest=read_json(ft / "manifest.json"),
+                   history=history, trials=read_json(comp / "trials.json"),
+                   chosen=read_json(comp / "chosen" / "metrics.json"),
+                   chosen_manifest=read_json(comp / "chosen" / "manifest.json"),
+                   compress_config=read_json(comp / "compress_config.json"), smoke=read_json(out / "smoke.json"))
+
+    @property
+    def alternative(self) -> dict[str, Any] | None:
+        """The finished trial that is ONNX int8 alone, if the search built it."""
+        return next((r for r in self.trials["trials"]
+                     if r.get("status") == "finished" and r.get("pipeline") == ALTERNATIVE), None)
+
+
+def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
+    """Writes ``out/report.md``, ``out/figures/*.png`` and ``out/configs/*.yaml`` (the resolved stage configs).
+
+    Args:
+        out: The run's folder (``data/``, ``ft/``, ``compress/``, ``smoke.json``, ``run.json``).
+        stages: Stage name -> its bookkeeping record (``wall_s``, ``finished_at``).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    art = RunArtifacts.read(out)
+    write_figures(out / "figures", art)
+    configs = write_configs(out / "configs", art)
+    lines = [*title_section(art, stages), *data_section(art.data), *finetune_section(art),
+             *compression_section(art), *smoke_section(art.smoke),
+             *goals_section(art.chosen, art.alternative, art.smoke), *reproduce_section(out, art, configs)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def write_figures(figures: Path, art: RunArtifacts) -> None:
+    """training.png, pareto.png (the search's) and comparison.png (base, alternative, chosen)."""
+    figures.mkdir(exist_ok=True)
+    plot_training(art.history, figures / "training.png")
+    shutil.copy2(figures.parent / "compress" / "pareto.png", figures / "pareto.png")
+    cm, alternative = art.chosen, art.alternative
+    # Validation accuracy: the alternative was scored on validation only, like every candidate.
+    compared = {"base (fine-tuned)": {"accuracy": cm["base"]["validation"]["accuracy"],
+                                      "latency_ms_b1": cm["base"]["latency_ms_b1"], "size_mb": cm["base"]["size_mb"]}}
+    if alternative is not None:
+        compared["ONNX int8 alone"] = {"accuracy": alternative["val_accuracy"],
+                                       "latency_ms_b1": alternative["latency_ms_b1"], "size_mb": alternative["size_mb"]}
+    compared["chosen"] = {"accuracy": cm["validation"]["accuracy"], "latency_ms_b1": cm["latency_ms_b1"],
+                          "size_mb": cm["size_mb"]}
+    plot_comparison(compared, figures / "comparison.png")
+
+
+def write_configs(configs: Path, art: RunArtifacts) -> Path:
+    """Each stage's resolved config as YAML, opening with the command that runs it; returns the folder."""
+    configs.mkdir(exist_ok=True)
+    resolved = {"prepare": art.data["config"], "finetune": art.ft_manifest["config"], "compress": art.compress_config}
+    for name, cfg in resolved.items():
+        (configs / f"{name}.yaml").write_text(
+            f"# slimray {name} --config {configs / (name + '.yaml')}\n" + yaml.safe_dump(cfg, sort_keys=False),
+            encoding="utf-8")
+    return configs
+
+
+def title_section(art: RunArtifacts, stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Title, lineage and the wall time of each stage."""
+    run = art.run
+    lines = [
+        f"# slimray run: {Path(str(run['source']).rstrip('/')).name}, profile `{Path(run['profile']).stem.removeprefix('run_')}`",
+        "",
+        f"Source `{run['source']}`, task `{art.data['task']}`, code `{art.ft_manifest.get('code_version', 'unknown')}`.",
+        "",
+        "| stage | wall time | finished |",
+        "|---|---|---|",
+    ]
+    for name in STAGE_NAMES:
+        rec = stages.get(name, {})
+        wall = f"{rec['wall_s']:.0f} s" if "wall_s" in rec else "—"
+        lines.append(f"| {name} | {wall} | {rec.get('finished_at', 'not finished')} |")
+    total = sum(stages.get(n, {}).get("wall_s", 0) for n in STAGE_NAMES)
+    return lines + [f"| total | {total:.0f} s | |"]
+
+
+def data_section(dm: dict[str, Any]) -> list[str]:
+    """Split sizes, sequence length, what prepare dropped and the label counts per split."""
+    splits = dm["splits"]
+    dropped = {s: {k: v for k, v in d.items() if v} for s, d in dm["dropped"].items()}
+    lines = [
+        "",
+        "## Data",
+        "",
+        f"{len(dm['labels'])} labels; " + ", ".join(f"{s} {i['rows']:,} rows" for s, i in splits.items())
+        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; p50 "
+        f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} train rows "
+        "truncated).",
+        "",
+        "Dropped: " + ("; ".join(f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d.items())
+                                 for s, d in dropped.items() if d) or "nothing") + ".",
+        "",
+        "| label | " + " | ".join(splits) + " |",
+        "|---" * (len(splits) + 1) + "|",
+    ]
+    return lines + [f"| {label} | " + " | ".join(str(i["label_counts"].get(label, 0)) for i in splits.values()) + " |"
+                    for label in dm["labels"]]
+
+
+def finetune_section(art: RunArtifacts) -> list[str]:
+    """How the model was fine-tuned and how well it scored, with the training curves."""
+    fm, dist = art.ft_metrics, art.ft_metrics["distributed"]
+    return [
+        "",
+        "## Fine-tuning",
+        "",
+        f"`{art.ft_manifest['base_model']}` with Ray Train, {dist['workers']} workers, DeepSpeed "
+        f"ZeRO-{dist['zero_stage']}: {fm['steps']} optimizer steps, {fm['train_samples_per_s']:.1f} samples/s, "
+        f"{fm['wall_s']:.0f} s"
+        + (f", resumed from step {fm['resumed_from_step']}" if fm.get("resumed_from_step") else "")
+        + (f", {fm['restarts']} worker-group restart(s)" if fm.get("restarts") else "") + ". "
+        f"{fm['split'].capitalize()} accuracy **{fm['accuracy']:.4f}**, macro-F1 {fm['macro_f1']:.4f} "
+        f"(validation {fm['validation']['accuracy']:.4f}).",
+        "",
+        "![Training curves](figures/training.png)",
+        "",
+    ]
+
+
+def compression_section(art: RunArtifacts) -> list[str]:
+    """The search (every trial, as in the search's own report) and the base-vs-chosen table."""
+    cm, chosen_id = art.chosen, art.chosen_manifest.get("trial_id")
+    return [
+        "## Compression",
+        "",
+        f"{cm['trials']['total']} candidates searched with Ray Tune ({cm['trials']['finished']} finished); "
+        f"choice: the fastest at batch 1 with validation accuracy within "
+        f"{art.compress_config['max_accuracy_drop']} points of the base model. Chosen: "
+        f"**{describe_pipeline(art.chosen_manifest.get('method'))}** (trial `{chosen_id}`). "
+        f"The search's own report: [compress/report.md](compress/report.md).",
+        "",
+        "![Pareto plot](figures/pareto.png)",
+        "",
+        *trial_table(art.trials["trials"], art.trials["base"], chosen_id),
+        "",
+        f"## Base vs chosen ({cm['split']} split, from `compress/chosen/metrics.json`)",
+        "",
+        summary_markdown(cm),
+        "",
+        f"Latency: median of repeated passes, {cm['latency_threads']} thread(s), tokenization excluded.",
+        "",
+        "![Base, alternative and chosen](figures/comparison.png)",
+        "",
+    ]
+
+
+def smoke_section(smoke: dict[str, Any]) -> list[str]:
+    """The serving smoke test's latency, throughput and accuracy next to the same model in-process."""
+    return [
+        "## Serving smoke test",
+        "",
+        "The chosen model behind the Serve graph (HTTP → Ingress → Model replica), requests one at a time from a "
+        "client on the same machine; then the same texts through the same model in-process:",
+        "",
+        "| requests | p50 (ms) | p95 (ms) | served | in-process | served accuracy |",
+        "|---|---|---|---|---|---|",
+        f"| {smoke['assist_requests']} x `/v1/assist` (1 message) | {smoke['assist_p50_ms']:.1f} | "
+        f"{smoke['assist_p95_ms']:.1f} | | p50 {smoke['raw_single_p50_ms']:.1f} ms | {smoke['assist_accuracy']:.3f} "
+        f"(hand-off rate {smoke['handoff_rate']:.2f}) |",
+        f"| {smoke['classify_requests']} x `/v1/classify` ({smoke['classify_batch_size']} texts) | "
+        f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_texts_per_s']:.0f} texts/s | "
+        f"{smoke['raw_texts_per_s']:.0f} texts/s | {smoke['classify_accuracy']:.3f} |",
+        "",
+    ]
 
 
 def plot_training(history: list[dict[str, Any]], path: Path) -> None:
@@ -107,170 +282,8 @@ def plot_comparison(rows: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _alternative(trials: dict[str, Any]) -> dict[str, Any] | None:
-    return next((r for r in trials["trials"] if r.get("status") == "finished" and r.get("pipeline") == ALTERNATIVE),
-                None)
-
-
 def _goal(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
-
-
-def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
-    """Writes ``out/report.md``, ``out/figures/*.png`` and ``out/configs/*.yaml`` (the resolved stage configs)."""
-    data, ft, comp = out / "data", out / "ft", out / "compress"
-    run = read_json(out / "run.json")
-    dm = read_json(data / "manifest.json")
-    fm, ftm = read_json(ft / "metrics.json"), read_json(ft / "manifest.json")
-    history = [json.loads(line) for line in (ft / "history.jsonl").read_text().splitlines() if line.strip()]
-    trials = read_json(comp / "trials.json")
-    cm = read_json(comp / "chosen" / "metrics.json")
-    chosen_manifest = read_json(comp / "chosen" / "manifest.json")
-    smoke = read_json(out / "smoke.json")
-
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    plot_training(history, figures / "training.png")
-    shutil.copy2(comp / "pareto.png", figures / "pareto.png")
-    alternative = _alternative(trials)
-    # Validation accuracy: the alternative was scored on validation only, like every candidate.
-    compared = {"base (fine-tuned)": {"accuracy": cm["base"]["validation"]["accuracy"],
-                                      "latency_ms_b1": cm["base"]["latency_ms_b1"], "size_mb": cm["base"]["size_mb"]}}
-    if alternative is not None:
-        compared["ONNX int8 alone"] = {"accuracy": alternative["val_accuracy"],
-                                       "latency_ms_b1": alternative["latency_ms_b1"], "size_mb": alternative["size_mb"]}
-    compared["chosen"] = {"accuracy": cm["validation"]["accuracy"], "latency_ms_b1": cm["latency_ms_b1"],
-                          "size_mb": cm["size_mb"]}
-    plot_comparison(compared, figures / "comparison.png")
-
-    configs = out / "configs"
-    configs.mkdir(exist_ok=True)
-    resolved = {"prepare": dm["config"], "finetune": ftm["config"], "compress": read_json(comp / "compress_config.json")}
-    for name, cfg in resolved.items():
-        (configs / f"{name}.yaml").write_text(
-            f"# slimray {name} --config {configs / (name + '.yaml')}\n" + yaml.safe_dump(cfg, sort_keys=False),
-            encoding="utf-8")
-
-    splits = dm["splits"]
-    dropped = {s: {k: v for k, v in d.items() if v} for s, d in dm["dropped"].items()}
-    lines = [
-        f"# slimray run: {Path(str(run['source']).rstrip('/')).name}, profile `{Path(run['profile']).stem.removeprefix('run_')}`",
-        "",
-        f"Source `{run['source']}`, task `{dm['task']}`, code `{ftm.get('code_version', 'unknown')}`.",
-        "",
-        "| stage | wall time | finished |",
-        "|---|---|---|",
-    ]
-    for name in ("prepare", "finetune", "compress", "smoke"):
-        rec = stages.get(name, {})
-        wall = f"{rec['wall_s']:.0f} s" if "wall_s" in rec else "—"
-        lines.append(f"| {name} | {wall} | {rec.get('finished_at', 'not finished')} |")
-    total = sum(stages.get(n, {}).get("wall_s", 0) for n in ("prepare", "finetune", "compress", "smoke"))
-    lines.append(f"| total | {total:.0f} s | |")
-    lines += [
-        "",
-        "## Data",
-        "",
-        f"{len(dm['labels'])} labels; " + ", ".join(f"{s} {i['rows']:,} rows" for s, i in splits.items())
-        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; p50 "
-        f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} train rows "
-        "truncated).",
-        "",
-        "Dropped: " + ("; ".join(f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d.items())
-                                 for s, d in dropped.items() if d) or "nothing") + ".",
-        "",
-        "| label | " + " | ".join(splits) + " |",
-        "|---" * (len(splits) + 1) + "|",
-    ]
-    lines += [f"| {label} | " + " | ".join(str(i["label_counts"].get(label, 0)) for i in splits.values()) + " |"
-              for label in dm["labels"]]
-    dist = fm["distributed"]
-    lines += [
-        "",
-        "## Fine-tuning",
-        "",
-        f"`{ftm['base_model']}` with Ray Train, {dist['workers']} workers, DeepSpeed ZeRO-{dist['zero_stage']}: "
-        f"{fm['steps']} optimizer steps, {fm['train_samples_per_s']:.1f} samples/s, {fm['wall_s']:.0f} s"
-        + (f", resumed from step {fm['resumed_from_step']}" if fm.get("resumed_from_step") else "")
-        + (f", {fm['restarts']} worker-group restart(s)" if fm.get("restarts") else "") + ". "
-        f"{fm['split'].capitalize()} accuracy **{fm['accuracy']:.4f}**, macro-F1 {fm['macro_f1']:.4f} "
-        f"(validation {fm['validation']['accuracy']:.4f}).",
-        "",
-        "![Training curves](figures/training.png)",
-        "",
-        "## Compression",
-        "",
-        f"{cm['trials']['total']} candidates searched with Ray Tune ({cm['trials']['finished']} finished); "
-        f"choice: the fastest at batch 1 with validation accuracy within "
-        f"{resolved['compress']['max_accuracy_drop']} points of the base model. Chosen: "
-        f"**{describe_pipeline(chosen_manifest.get('method'))}** (trial `{chosen_manifest.get('trial_id')}`). "
-        f"The search's own report: [compress/report.md](compress/report.md).",
-        "",
-        "![Pareto plot](figures/pareto.png)",
-        "",
-        "| trial | pipeline | val accuracy | latency b1 (ms) | latency b32 (ms) | size (MB) |",
-        "|---|---|---|---|---|---|",
-        f"| base | fine-tuned fp32 | {trials['base']['val_accuracy']:.4f} | {trials['base']['latency_ms_b1']:.2f} | "
-        f"{trials['base']['latency_ms_b32']:.1f} | {trials['base']['size_mb']:.1f} |",
-    ]
-    for r in sorted(trials["trials"], key=lambda r: (r["status"] != "finished", -(r.get("val_accuracy") or 0))):
-        if r["status"] == "finished":
-            mark = " **(chosen)**" if r["trial_id"] == chosen_manifest.get("trial_id") else ""
-            lines.append(f"| {r['trial_id']}{mark} | {describe_pipeline(r['pipeline'])} | {r['val_accuracy']:.4f} | "
-                         f"{r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.1f} | {r['size_mb']:.1f} |")
-        else:
-            detail = r.get("error") or (f"val accuracy {r['val_accuracy']:.4f} after epoch {r['epoch']}"
-                                        if r.get("val_accuracy") is not None else "")
-            lines.append(f"| {r['trial_id']} | {r['status']}: {detail} | | | | |")
-    lines += [
-        "",
-        f"## Base vs chosen ({cm['split']} split, from `compress/chosen/metrics.json`)",
-        "",
-        summary_markdown(cm),
-        "",
-        f"Latency: median of repeated passes, {cm['latency_threads']} thread(s), tokenization excluded.",
-        "",
-        "![Base, alternative and chosen](figures/comparison.png)",
-        "",
-        "## Serving smoke test",
-        "",
-        "The chosen model behind the Serve graph (HTTP → Ingress → Model replica), requests one at a time from a "
-        "client on the same machine; then the same texts through the same model in-process:",
-        "",
-        "| requests | p50 (ms) | p95 (ms) | served | in-process | served accuracy |",
-        "|---|---|---|---|---|---|",
-        f"| {smoke['assist_requests']} x `/v1/assist` (1 message) | {smoke['assist_p50_ms']:.1f} | "
-        f"{smoke['assist_p95_ms']:.1f} | | p50 {smoke['raw_single_p50_ms']:.1f} ms | {smoke['assist_accuracy']:.3f} "
-        f"(hand-off rate {smoke['handoff_rate']:.2f}) |",
-        f"| {smoke['classify_requests']} x `/v1/classify` ({smoke['classify_batch_size']} texts) | "
-        f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_texts_per_s']:.0f} texts/s | "
-        f"{smoke['raw_texts_per_s']:.0f} texts/s | {smoke['classify_accuracy']:.3f} |",
-        "",
-    ]
-    lines += goals_section(cm, alternative, smoke)
-    served = f"{out}/compress/chosen"
-    lines += [
-        "## Reproduce",
-        "",
-        "```bash",
-        run["command"] + "      # the whole run (skips what is complete)",
-        f"slimray prepare  --config {configs / 'prepare.yaml'}",
-        f"slimray finetune --config {configs / 'finetune.yaml'}",
-        f"slimray compress --config {configs / 'compress.yaml'}",
-        "```",
-        "",
-        "Serve the chosen model:",
-        "",
-        "```bash",
-        f"slimray serve --model {served} --data {data}      # http://127.0.0.1:8000, docs at /docs",
-        "curl -s -X POST http://127.0.0.1:8000/v1/assist -H 'content-type: application/json' "
-        "-d '{\"message\": \"my card has not arrived\"}'",
-        "```",
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
 
 
 def goals_section(cm: dict[str, Any], alternative: dict[str, Any] | None, smoke: dict[str, Any]) -> list[str]:
@@ -303,3 +316,26 @@ def goals_section(cm: dict[str, Any], alternative: dict[str, Any] | None, smoke:
         "",
     ]
     return lines
+
+
+def reproduce_section(out: Path, art: RunArtifacts, configs: Path) -> list[str]:
+    """The commands that redo the run, each stage, and serve the chosen model."""
+    return [
+        "## Reproduce",
+        "",
+        "```bash",
+        art.run["command"] + "      # the whole run (skips what is complete)",
+        f"slimray prepare  --config {configs / 'prepare.yaml'}",
+        f"slimray finetune --config {configs / 'finetune.yaml'}",
+        f"slimray compress --config {configs / 'compress.yaml'}",
+        "```",
+        "",
+        "Serve the chosen model:",
+        "",
+        "```bash",
+        f"slimray serve --model {out}/compress/chosen --data {out / 'data'}      # http://127.0.0.1:8000, docs at /docs",
+        "curl -s -X POST http://127.0.0.1:8000/v1/assist -H 'content-type: application/json' "
+        "-d '{\"message\": \"my card has not arrived\"}'",
+        "```",
+        "",
+    ]

@@ -7,34 +7,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from jobs.errors import InputError
 from jobs.inference import build_torch_model, load_inference_model
+from jobs.modeling import load_tokenizer
+from jobs.prepare import read_split
 from tuning.compress import (CompressConfig, NoCandidateError, SearchSpace, check_inputs, choose, default_points, main,
-                              pareto_front)
+                              pareto_front, train_rows)
 from tuning.methods import Candidate, Context, prune, quantize, save_candidate, trim_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def context(data: Path, n: int = 300) -> Context:
-    train = pq.read_table(data / "train.parquet").slice(0, n)
-    val = pq.read_table(data / "validation.parquet")
-    y = np.asarray(train.column("label_id").to_pylist())
+    texts, y = train_rows(data, n)
+    val = read_split(data, "validation", ("text", "label_id"))
     labels = json.loads((data / "labels.json").read_text())
-    return Context(train_texts=train.column("text").to_pylist(), train_labels=y,
+    return Context(train_texts=texts, train_labels=y,
                    teacher_logits=np.zeros((len(y), len(labels)), dtype=np.float32),
-                   val_texts=val.column("text").to_pylist(), val_labels=np.asarray(val.column("label_id").to_pylist()),
-                   max_length=64, threads=2)
+                   val_texts=val["text"], val_labels=np.asarray(val["label_id"]), max_length=64, threads=2)
 
 
 def candidate(path: Path) -> Candidate:
-    from transformers import AutoTokenizer
-
-    return Candidate(build_torch_model(path, {}), AutoTokenizer.from_pretrained(path))
+    return Candidate(build_torch_model(path, {}), load_tokenizer(path))
 
 
 def logits(model, tokenizer, texts):
@@ -187,3 +184,70 @@ def test_first_points_stay_inside_a_restricted_space():
     alternative = default_points(SearchSpace(), depth=6)[0]
     assert (alternative["distill_layers"], alternative["prune_heads"], alternative["trim_vocab"],
             alternative["quantize"]) == (0, 0.0, False, "onnx-int8")
+
+
+def measured(tid, acc, lat, size, pipeline, pareto=False):
+    return {"trial_id": tid, "status": "finished", "config": {}, "artifact": tid, "pipeline": pipeline,
+            "val_accuracy": acc, "val_macro_f1": acc - 0.01, "latency_ms_b1": lat, "latency_ms_b32": 10 * lat,
+            "size_mb": size, "pareto": pareto}
+
+
+REPORT_BASE = {"val_accuracy": 0.91, "val_macro_f1": 0.90, "latency_ms_b1": 6.0, "latency_ms_b32": 60.0, "size_mb": 90.0}
+REPORT_TRIALS = [
+    {"trial_id": "t4", "status": "stopped early (ASHA)", "config": {}, "val_accuracy": 0.5, "epoch": 1},
+    measured("t1", 0.90, 2.0, 23.0, [{"method": "quantize", "backend": "onnx-int8"}], pareto=True),
+    {"trial_id": "t5", "status": "error", "config": {}, "error": "ValueError: cannot keep 7 of 2 layers"},
+    measured("t2", 0.905, 0.8, 5.0, [{"method": "trim_vocab", "original_tokens": 30522, "kept_tokens": 3000},
+                                     {"method": "quantize", "backend": "torch-int8"}], pareto=True),
+    measured("t3", 0.80, 3.0, 50.0, []),
+]
+
+
+def test_the_trial_table_orders_marks_and_explains_every_trial():
+    from tuning.report import TRIAL_TABLE_HEADER, trial_table
+
+    lines = trial_table(REPORT_TRIALS, REPORT_BASE, "t2")
+    assert lines[:2] == TRIAL_TABLE_HEADER
+    assert lines[2] == "| base | — | fine-tuned fp32 | 0.9100 | 0.9000 | 6.00 | 60.0 | 90.0 | |"
+    # Finished by validation accuracy first, then the others, each with why it has no measurements.
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| t2", "| t1", "| t3", "| t4", "| t5"]
+    assert lines[3] == ("| t2 | finished | trim vocab 30522->3000 -> torch-int8 | 0.9050 | 0.8950 | 0.80 | 8.0 | 5.0 "
+                        "| **chosen** |")
+    assert lines[4].endswith("| yes |") and lines[5].endswith("|  |")  # Pareto member, dominated
+    assert lines[6] == "| t4 | stopped early (ASHA) | val accuracy 0.5000 after epoch 1 | | | | | | |"
+    assert lines[7] == "| t5 | error | ValueError: cannot keep 7 of 2 layers | | | | | | |"
+    assert all(line.count("|") == 10 for line in lines)  # every row has the header's 9 cells
+    assert "**chosen**" not in "\n".join(trial_table(REPORT_TRIALS, REPORT_BASE, None))
+
+
+def test_the_search_report_and_the_run_report_render_the_same_trial_table(tmp_path):
+    from types import SimpleNamespace
+
+    from slimray.report import RunArtifacts, compression_section
+    from tuning.report import trial_table, write_report
+
+    metrics = {"accuracy": 0.9, "macro_f1": 0.89, "latency_ms_b1": 0.81, "latency_ms_b32": 8.1, "size_mb": 5.0,
+               "split": "test", "validation": {"accuracy": 0.905, "macro_f1": 0.895},
+               "base": {"accuracy": 0.91, "macro_f1": 0.9, "latency_ms_b1": 6.0, "latency_ms_b32": 60.0,
+                        "size_mb": 90.0}, "speedup_b1": 7.4, "speedup_b32": 7.4, "size_reduction": 18.0,
+               "accuracy_drop_pts": 1.0, "latency_threads": 1, "trials": {"finished": 3, "total": 5}}
+    cfg = SimpleNamespace(model="m", data="d", max_accuracy_drop=1.0, threads=1)
+    write_report(tmp_path, REPORT_TRIALS, REPORT_BASE, REPORT_TRIALS[3], metrics, cfg)
+    table = "\n".join(trial_table(REPORT_TRIALS, REPORT_BASE, "t2"))
+    report = (tmp_path / "report.md").read_text()
+    assert table in report and "## Chosen: `t2` — trim vocab 30522->3000 -> torch-int8" in report
+    assert "| ratio | -1.00 pts | -1.00 pts | 7.40x faster | 7.40x faster | 18.00x smaller |" in report
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "trials.json").read_text())
+    assert saved["chosen"]["trial_id"] == "t2" and saved["trials"] == REPORT_TRIALS
+    # slimray run's report reads trials.json back and renders the very same table.
+    art = RunArtifacts(run={}, data={}, ft_metrics={}, ft_manifest={}, history=[], trials=saved, chosen=metrics,
+                       chosen_manifest={"trial_id": "t2", "method": REPORT_TRIALS[3]["pipeline"]},
+                       compress_config={"max_accuracy_drop": 1.0}, smoke={})
+    assert table in "\n".join(compression_section(art))
+    assert art.alternative["trial_id"] == "t1"  # ONNX int8 alone, for the goals section
+
+    write_report(tmp_path, REPORT_TRIALS, REPORT_BASE, None, None, cfg)  # no candidate met the constraint
+    report = (tmp_path / "report.md").read_text()
+    assert "## No candidate met the constraint" in report and "**chosen**" not in report
+    assert "\n".join(trial_table(REPORT_TRIALS, REPORT_BASE, None)) in report

@@ -23,11 +23,11 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from cluster import storage
@@ -35,7 +35,7 @@ from cluster.storage import join, local_copy
 from jobs.artifacts import atomic_dir, file_sha256, manifest, read_json, write_json
 from jobs.config import Location, StageConfig, run_stage
 from jobs.errors import InputError
-from jobs.prepare import load_prepared
+from jobs.prepare import load_prepared, read_split
 
 log = logging.getLogger("slimray.compress")
 
@@ -93,12 +93,13 @@ class NoCandidateError(InputError):
 # ----------------------------------------------------------------------------------------------------------
 # Trial side.
 
+SHARED = "shared"  # the key of the param space holding what every trial shares (locations, limits, seed)
 
-def _train_rows(data_dir: Path, limit: int | None) -> tuple[list[str], np.ndarray]:
-    table = pq.read_table(Path(data_dir) / "train.parquet", columns=["text", "label_id"])
-    if limit:
-        table = table.slice(0, limit)
-    return table.column("text").to_pylist(), np.asarray(table.column("label_id").to_pylist())
+
+def train_rows(data_dir: Path | str, limit: int | None) -> tuple[list[str], np.ndarray]:
+    """The first ``limit`` train texts (all without a limit) and their label ids."""
+    rows = read_split(data_dir, "train", ("text", "label_id"))
+    return rows["text"][:limit], np.asarray(rows["label_id"][:limit])
 
 
 def plan_from_params(p: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -123,57 +124,69 @@ def trial(config: dict[str, Any]) -> None:
     import torch
 
     from jobs.inference import build_torch_model
-    from tuning.measure import measure
-    from tuning.methods import Candidate, Context, run_pipeline, save_candidate
+    from jobs.modeling import load_tokenizer
+    from tuning.methods import Candidate, run_pipeline
 
-    ctx_cfg, params = config["ctx"], {k: v for k, v in config.items() if k != "ctx"}
-    threads = max(1, int(ctx_cfg["trial_cpus"]))
+    shared, params = config[SHARED], {k: v for k, v in config.items() if k != SHARED}
+    threads = max(1, int(shared["trial_cpus"]))
     torch.set_num_threads(threads)
     trial_id = ray.tune.get_context().get_trial_id()
     # Inputs by path or URI, so a trial runs on any node (a URI is downloaded once per node, then cached).
-    data_dir, teacher_dir, inputs = (local_copy(ctx_cfg[k]) for k in ("data", "model", "inputs"))
-    texts, labels = _train_rows(data_dir, ctx_cfg["train_limit"])
-    val = pq.read_table(data_dir / "validation.parquet", columns=["text", "label", "label_id"])
-    max_epoch = ctx_cfg["max_epoch"]
+    data_dir, teacher_dir, inputs = (local_copy(shared[k]) for k in ("data", "model", "inputs"))
+    val = read_split(data_dir, "validation", ("text", "label", "label_id"))
 
     def on_epoch(epoch: int, acc: float) -> None:
         if epoch < params["distill_epochs"]:  # the last epoch's result comes with the full report
             ray.tune.report({"epoch": epoch, "val_accuracy": acc, "final": False})
 
-    ctx = Context(
-        train_texts=texts, train_labels=labels,
-        teacher_logits=np.load(inputs / ctx_cfg["teacher_logits"])[: len(texts)],
-        val_texts=val.column("text").to_pylist(), val_labels=np.asarray(val.column("label_id").to_pylist()),
-        max_length=ctx_cfg["max_length"], threads=threads, seed=ctx_cfg["seed"], on_epoch=on_epoch)
-    cand = Candidate(build_torch_model(teacher_dir, {}), _tokenizer(teacher_dir))
+    ctx = _method_context(shared, data_dir, inputs, val, threads, on_epoch)
     started = time.perf_counter()
-    cand = run_pipeline(cand, ctx, plan_from_params(params))
+    cand = run_pipeline(Candidate(build_torch_model(teacher_dir, {}), load_tokenizer(teacher_dir)), ctx,
+                        plan_from_params(params))
     build_s = time.perf_counter() - started
-    search_dir = ctx_cfg["search_dir"]
-    remote = storage.is_uri(search_dir)
-    out = (Path(tempfile.mkdtemp(prefix="slimray-candidate-")) if remote else Path(search_dir)) / trial_id
-    if out.exists():
-        shutil.rmtree(out)
-    save_candidate(cand, out, ctx_cfg["max_length"])
-    metrics = measure(out, read_json(inputs / "latency_texts.json"), threads=threads, repeats=3,
-                      eval_sets={"val": (ctx.val_texts, val.column("label").to_pylist())})
-    artifact = str(out)
-    if remote:  # the driver may be on another node: the candidate goes to the output URI
-        artifact = join(search_dir, trial_id)
-        storage.upload_dir(out, artifact)
-        shutil.rmtree(out.parent, ignore_errors=True)
+    artifact, metrics = _save_and_measure(cand, shared, trial_id, read_json(inputs / "latency_texts.json"),
+                                          (val["text"], val["label"]), threads)
     ray.tune.report({
-        "epoch": max_epoch, "final": True, "artifact": artifact, "build_s": build_s,
+        "epoch": shared["max_epoch"], "final": True, "artifact": artifact, "build_s": build_s,
         "val_accuracy": metrics["val_accuracy"], "val_macro_f1": metrics["val_macro_f1"],
         "latency_ms_b1": metrics["latency_ms_b1"], "latency_ms_b32": metrics["latency_ms_b32"],
         "size_mb": metrics["size_mb"], "pipeline": json.dumps(cand.steps),
     })
 
 
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+def _method_context(shared: dict[str, Any], data_dir: Path, inputs: Path, val: dict[str, list], threads: int,
+                    on_epoch: Any) -> Any:
+    """The ``tuning.methods.Context`` of a trial: train rows, the teacher's logits on them, validation."""
+    from tuning.methods import Context
 
-    return AutoTokenizer.from_pretrained(path)
+    texts, labels = train_rows(data_dir, shared["train_limit"])
+    return Context(
+        train_texts=texts, train_labels=labels,
+        teacher_logits=np.load(inputs / shared["teacher_logits"])[: len(texts)],
+        val_texts=val["text"], val_labels=np.asarray(val["label_id"]),
+        max_length=shared["max_length"], threads=threads, seed=shared["seed"], on_epoch=on_epoch)
+
+
+def _save_and_measure(cand: Any, shared: dict[str, Any], trial_id: str, latency_texts: list[str],
+                      val_set: tuple[list[str], list[str]], threads: int) -> tuple[str, dict[str, Any]]:
+    """Saves the candidate in ``search/<trial>``, measures it there; returns (its location, metrics)."""
+    from tuning.measure import measure
+    from tuning.methods import save_candidate
+
+    search_dir = shared["search_dir"]
+    remote = storage.is_uri(search_dir)
+    local = (Path(tempfile.mkdtemp(prefix="slimray-candidate-")) if remote else Path(search_dir)) / trial_id
+    if local.exists():
+        shutil.rmtree(local)
+    save_candidate(cand, local, shared["max_length"])
+    metrics = measure(local, latency_texts, threads=threads, repeats=3, eval_sets={"val": val_set})
+    if not remote:
+        return str(local), metrics
+    # The driver may be on another node: the candidate goes to the output URI.
+    artifact = join(search_dir, trial_id)
+    storage.upload_dir(local, artifact)
+    shutil.rmtree(local.parent, ignore_errors=True)
+    return artifact, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,10 +226,12 @@ def choose(rows: list[dict[str, Any]], base: dict[str, Any], max_drop_pts: float
 
 
 def default_layers(depth: int) -> list[int]:
+    """Student depths tried by default: none (0), about a third and half of the teacher's ``depth``."""
     return sorted({0, *(d for d in (max(1, round(depth / 3)), max(1, round(depth / 2))) if d < depth)})
 
 
 def param_space(space: SearchSpace, depth: int) -> dict[str, Any]:
+    """The Tune param space of ``space`` for a teacher of ``depth`` layers."""
     from ray import tune
 
     return {
@@ -242,14 +257,14 @@ def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
     """
     layers = space.distill_layers or default_layers(depth)
 
-    def off(values: list[Any], value: Any) -> Any:
+    def prefer(values: list[Any], value: Any) -> Any:
         return value if value in values else values[0]
 
-    base = {"distill_layers": off(layers, 0), "distill_epochs": max(space.distill_epochs), "temperature": 2.0,
-            "alpha": 0.7, "lr": min(max(2e-4, space.lr[0]), space.lr[1]), "prune_heads": off(space.prune_heads, 0.0),
-            "prune_ffn": off(space.prune_ffn, 0.0), "importance": space.importance[0],
-            "recovery_steps": off(space.recovery_steps, 0), "trim_vocab": off(space.trim_vocab, False),
-            "quantize": off(space.quantize, "onnx-int8")}
+    base = {"distill_layers": prefer(layers, 0), "distill_epochs": max(space.distill_epochs), "temperature": 2.0,
+            "alpha": 0.7, "lr": min(max(2e-4, space.lr[0]), space.lr[1]),
+            "prune_heads": prefer(space.prune_heads, 0.0), "prune_ffn": prefer(space.prune_ffn, 0.0),
+            "importance": space.importance[0], "recovery_steps": prefer(space.recovery_steps, 0),
+            "trim_vocab": prefer(space.trim_vocab, False), "quantize": prefer(space.quantize, "onnx-int8")}
     points = [base]
     if any(d > 0 for d in layers) and True in space.trim_vocab:
         points.append({**base, "distill_layers": max(layers), "trim_vocab": True})
@@ -260,20 +275,22 @@ def teacher_logits(model_dir: Path, data_dir: Path, out: Path, limit: int | None
     """The fine-tuned model's logits on the train texts, computed once per (model, data) and cached."""
     from jobs.inference import load_inference_model
 
-    key = hashlib.sha256((file_sha256(Path(model_dir) / "model.safetensors") if (Path(model_dir) / "model.safetensors").is_file()
-                          else str(model_dir)).encode() + file_sha256(Path(data_dir) / "manifest.json").encode()
-                         + str(limit).encode()).hexdigest()[:12]
-    path = out / f"teacher_logits-{key}.npy"
+    weights = Path(model_dir) / "model.safetensors"
+    model_key = file_sha256(weights) if weights.is_file() else str(model_dir)
+    key = hashlib.sha256(f"{model_key}{file_sha256(Path(data_dir) / 'manifest.json')}{limit}".encode()).hexdigest()
+    path = out / f"teacher_logits-{key[:12]}.npy"
     if not path.is_file():
-        texts, _ = _train_rows(data_dir, limit)
+        texts, _ = train_rows(data_dir, limit)
         log.info("teacher logits on %d train texts (once; cached in %s)", len(texts), path.name)
         logits = load_inference_model(model_dir).logits(texts, batch_size=64)
-        np.save(out / f".{path.name}.partial.npy", logits)
-        (out / f".{path.name}.partial.npy").rename(path)
+        partial = out / f".{path.name}.partial.npy"
+        np.save(partial, logits)
+        partial.rename(path)
     return path
 
 
 def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
+    """Checks the model and data folders fit together; returns (data manifest, base inference model)."""
     from jobs.inference import load_inference_model
 
     model_dir, data_dir = local_copy(cfg.model), local_copy(cfg.data)
@@ -293,90 +310,153 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
     return data_manifest, base
 
 
-def main(cfg: CompressConfig) -> Path | str:
+@dataclass
+class Output:
+    """Where the search writes.
+
+    ``dest`` is the output as given (a path, or a storage URI): Tune's state, the candidates and ``chosen/``
+    go there directly, so trials and the driver may be on any node. ``work`` is the local folder for the
+    working files (the output itself when it is a path; a cache keyed by the URI otherwise); its report
+    files are published to ``dest`` at the end.
+    """
+
+    dest: Path | str
+    work: Path
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_uri(self.dest)
+
+    @property
+    def chosen(self) -> Path | str:
+        return join(self.dest, "chosen")
+
+    def publish_reports(self) -> None:
+        """Copies the report files of ``work`` to an output URI (a local output is ``work`` itself)."""
+        if self.remote:
+            for f in sorted(self.work.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    storage.upload_file(f, join(self.dest, f.name))
+
+
+def open_output(cfg: CompressConfig) -> Output:
+    """The output of ``cfg``, checked writable and without a ``chosen/`` (unless ``--overwrite``)."""
+    if storage.is_uri(cfg.out):
+        storage.check_writable(cfg.out)
+        output = Output(cfg.out, storage.work_dir(cfg.out))
+    else:
+        local = Path(cfg.out).expanduser().resolve()
+        output = Output(local, local)
+    if storage.exists(output.chosen) and not cfg.overwrite:
+        raise InputError(f"{storage.redact(output.chosen)} already exists; pass --overwrite to search again")
+    return output
+
+
+@dataclass
+class SearchInputs:
+    """What the driver reads once, before the search, and uses again to measure and describe the choice."""
+
+    model_dir: Path
+    data_dir: Path
+    data_manifest: dict[str, Any]
+    labels: list[str]  # the base model's label names, in id order
+    max_length: int  # tokens
+    depth: int  # the base model's encoder layers
+    val: tuple[list[str], list[str]]  # (texts, label names)
+    test: tuple[list[str], list[str]]
+    latency_texts: list[str]  # test texts, the same for every model
+
+
+def load_inputs(cfg: CompressConfig) -> SearchInputs:
+    """Checks the inputs (``check_inputs``) and reads what the search and the choice need."""
+    from jobs.modeling import encoder_layers, load_classifier
+
+    data_manifest, base_model = check_inputs(cfg)
+    model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
+    val, test = read_split(data_dir, "validation"), read_split(data_dir, "test")
+    rng = np.random.default_rng(cfg.seed)
+    latency_texts = [test["text"][i] for i in rng.permutation(len(test["text"]))[: cfg.latency_texts]]
+    if len(latency_texts) < 32:
+        raise InputError(f"the test split has {len(test['text'])} texts; latency at batch 32 needs at least 32")
+    return SearchInputs(model_dir=model_dir, data_dir=data_dir, data_manifest=data_manifest,
+                        labels=base_model.labels, max_length=int(base_model.max_length),
+                        depth=len(encoder_layers(load_classifier(model_dir)[0])),
+                        val=(val["text"], val["label"]), test=(test["text"], test["label"]), latency_texts=latency_texts)
+
+
+def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output) -> dict[str, Any]:
+    """Writes the resolved config and the trials' inputs; returns what every trial gets under ``SHARED``.
+
+    The inputs go to one folder passed by location: trial configs are printed, customer texts must not be.
+    """
+    output.work.mkdir(parents=True, exist_ok=True)
+    write_json(output.work / "compress_config.json", cfg.model_dump(mode="json"))
+    folder = output.work / "inputs"
+    folder.mkdir(exist_ok=True)
+    logits_path = teacher_logits(inputs.model_dir, inputs.data_dir, folder, cfg.train_limit)
+    write_json(folder / "latency_texts.json", inputs.latency_texts)
+    location = str(folder)
+    if output.remote:
+        location = join(output.dest, "inputs")
+        storage.upload_dir(folder, location)
+    return {"model": storage.canonical(cfg.model), "data": storage.canonical(cfg.data), "inputs": location,
+            "teacher_logits": logits_path.name, "search_dir": join(output.dest, "search"),
+            "max_length": inputs.max_length, "train_limit": cfg.train_limit, "trial_cpus": cfg.trial_cpus,
+            "seed": cfg.seed, "max_epoch": max(cfg.search.distill_epochs)}
+
+
+def run_search(cfg: CompressConfig, shared: dict[str, Any], depth: int, dest: Path | str) -> Any:
+    """Runs (or resumes) the Tune search of ``cfg``; returns its ResultGrid."""
+    from ray import tune
+
+    from cluster.ray_env import connect
+
+    connect()
+    # Epoch reports carry only val_accuracy (for ASHA); multi-objective Optuna reads only the final report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(trial, {"cpu": cfg.trial_cpus})
+    space = {**param_space(cfg.search, depth), SHARED: shared}
+    tune_dir = join(dest, "tune")
+    if cfg.resume and tune.Tuner.can_restore(tune_dir):
+        log.info("resuming the search in %s", storage.redact(tune_dir))
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, param_space=space)
+    else:
+        storage.delete(tune_dir)
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, depth),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(dest),
+                                                     failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                                     # Copy the experiment state to OUT often (default: every
+                                                     # 5 min), so a killed search resumes without redoing
+                                                     # finished trials.
+                                                     sync_config=tune.SyncConfig(sync_period=5)))
+    return tuner.fit()
+
+
+def _tune_config(cfg: CompressConfig, depth: int) -> Any:
+    """Optuna's multi-objective sampler, ASHA on distillation epochs, as many trials at once as CPUs allow."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from cluster.ray_env import connect
-    from jobs.modeling import encoder_layers, load_classifier
-    from tuning.measure import measure
-    from tuning.report import write_report
+    max_epoch = max(cfg.search.distill_epochs)
+    searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
+                            points_to_evaluate=cfg.initial_points or default_points(cfg.search, depth), seed=cfg.seed)
+    scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
+                               grace_period=1, reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler,
+                           max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)), time_budget_s=cfg.time_budget_s)
 
-    started = time.time()
-    # Output at a URI: the working files live in a local folder keyed by it and are published at the end;
-    # Tune's state and the candidates go to the URI directly, so trials and the driver may be on any node.
-    remote = storage.is_uri(cfg.out)
-    dest = cfg.out if remote else Path(cfg.out).expanduser().resolve()
-    out = storage.work_dir(cfg.out) if remote else dest
-    if remote:
-        storage.check_writable(cfg.out)
-    if storage.exists(join(dest, "chosen")) and not cfg.overwrite:
-        raise InputError(f"{storage.redact(join(dest, 'chosen'))} already exists; pass --overwrite to search again")
-    data_manifest, base_model = check_inputs(cfg)
-    model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
-    depth = len(encoder_layers(load_classifier(model_dir)[0]))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compress_config.json", cfg.model_dump(mode="json"))
-    max_length = int(base_model.max_length)
-    test = pq.read_table(data_dir / "test.parquet", columns=["text", "label"])
-    val = pq.read_table(data_dir / "validation.parquet", columns=["text", "label"])
-    rng = np.random.default_rng(cfg.seed)
-    test_texts = test.column("text").to_pylist()
-    latency_texts = [test_texts[i] for i in rng.permutation(len(test_texts))[: cfg.latency_texts]]
-    if len(latency_texts) < 32:
-        raise InputError(f"the test split has {len(test_texts)} texts; latency at batch 32 needs at least 32")
 
-    # Trial inputs in one folder, passed by location: trial configs are printed, customer texts must not be.
-    inputs = out / "inputs"
-    inputs.mkdir(exist_ok=True)
-    logits_path = teacher_logits(model_dir, data_dir, inputs, cfg.train_limit)
-    write_json(inputs / "latency_texts.json", latency_texts)
-    inputs_location = str(inputs)
-    if remote:
-        inputs_location = join(cfg.out, "inputs")
-        storage.upload_dir(inputs, inputs_location)
-    connect()
-    space = cfg.search
-    max_epoch = max(space.distill_epochs)
-    ctx = {"model": storage.canonical(cfg.model), "data": storage.canonical(cfg.data), "inputs": inputs_location,
-           "teacher_logits": logits_path.name, "search_dir": join(dest, "search"), "max_length": max_length,
-           "train_limit": cfg.train_limit, "trial_cpus": cfg.trial_cpus, "seed": cfg.seed, "max_epoch": max_epoch}
-    # Epoch reports carry only val_accuracy (for ASHA); multi-objective Optuna reads only the final report.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(trial, {"cpu": cfg.trial_cpus})
-    tune_dir = join(dest, "tune")
-    if cfg.resume and tune.Tuner.can_restore(tune_dir):
-        log.info("resuming the search in %s", storage.redact(tune_dir))
-        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, param_space={**param_space(space, depth), "ctx": ctx})
-    else:
-        storage.delete(tune_dir)
-        searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
-                                points_to_evaluate=cfg.initial_points or default_points(space, depth), seed=cfg.seed)
-        scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
-                                   grace_period=1, reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={**param_space(space, depth), "ctx": ctx},
-            tune_config=tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler,
-                                        max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)),
-                                        time_budget_s=cfg.time_budget_s),
-            run_config=tune.RunConfig(name="tune", storage_path=str(dest),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
-                                      # Copy the experiment state to OUT often (default: every 5 min), so a
-                                      # killed search resumes without redoing finished trials.
-                                      sync_config=tune.SyncConfig(sync_period=5)),
-        )
-    grid = tuner.fit()
-
+def collect_trials(grid: Any) -> list[dict[str, Any]]:
+    """One row per trial: finished (with its artifact), stopped early by ASHA, or failed (with the error)."""
     trials = []
     for result in grid:
         m = result.metrics or {}
-        row = {"trial_id": m.get("trial_id") or Path(result.path).name, "config": {
-            k: v for k, v in (result.config or {}).items() if k != "ctx"}}
+        row = {"trial_id": m.get("trial_id") or Path(result.path).name,
+               "config": {k: v for k, v in (result.config or {}).items() if k != SHARED}}
         if result.error is not None:
             row.update(status="error", error=str(result.error).strip().splitlines()[-1][:300])
         elif not m.get("final"):
@@ -385,26 +465,30 @@ def main(cfg: CompressConfig) -> Path | str:
             row.update(status="finished", artifact=m["artifact"], pipeline=json.loads(m["pipeline"]),
                        trial_latency_ms_b1=m["latency_ms_b1"], build_s=m["build_s"])
         trials.append(row)
-    finished = [r for r in trials if r["status"] == "finished"]
     log.info("search done: %d finished, %d stopped early, %d failed; measuring them and the base model again",
-             len(finished), sum(r["status"].startswith("stopped") for r in trials),
+             sum(r["status"] == "finished" for r in trials), sum(r["status"].startswith("stopped") for r in trials),
              sum(r["status"] == "error" for r in trials))
+    return trials
 
-    val_set = (val.column("text").to_pylist(), val.column("label").to_pylist())
-    test_set = (test_texts, test.column("label").to_pylist())
-    base = measure(model_dir, latency_texts, cfg.threads, {"val": val_set, "test": test_set})
+
+def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads: int) -> dict[str, Any]:
+    """Measures every finished candidate (in place) and the base model one after another; returns the base's."""
+    from tuning.measure import measure
+
+    base = measure(inputs.model_dir, inputs.latency_texts, threads, {"val": inputs.val, "test": inputs.test})
     for r in finished:
-        r.update(measure(local_copy(r["artifact"]), latency_texts, cfg.threads, {"val": val_set}))
-    try:
-        chosen = choose(finished, base, cfg.max_accuracy_drop)
-    except NoCandidateError:
-        write_report(out, trials, base, None, None, cfg)
-        publish_summary(out, dest)
-        raise
-    for r in finished:
-        r["pareto"] = any(r is p for p in pareto_front(finished))
-    scores = measure(local_copy(chosen["artifact"]), latency_texts, cfg.threads, {"test": test_set}, repeats=5)
-    metrics = {
+        r.update(measure(local_copy(r["artifact"]), inputs.latency_texts, threads, {"val": inputs.val}))
+    return base
+
+
+def chosen_metrics(chosen: dict[str, Any], base: dict[str, Any], inputs: SearchInputs, cfg: CompressConfig,
+                   trials: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """``chosen/metrics.json``: the chosen model on test (5 repeats) against the base, and the search's size."""
+    from tuning.measure import measure
+
+    scores = measure(local_copy(chosen["artifact"]), inputs.latency_texts, cfg.threads, {"test": inputs.test},
+                     repeats=5)
+    return {
         "accuracy": scores["test_accuracy"], "macro_f1": scores["test_macro_f1"],
         "latency_ms_b1": chosen["latency_ms_b1"], "latency_ms_b32": chosen["latency_ms_b32"],
         "size_mb": chosen["size_mb"], "split": "test", "backend": chosen["backend"],
@@ -418,34 +502,66 @@ def main(cfg: CompressConfig) -> Path | str:
         "size_reduction": base["size_mb"] / chosen["size_mb"],
         "accuracy_drop_pts": 100 * (base["test_accuracy"] - scores["test_accuracy"]),
         "latency_threads": cfg.threads,
-        "trials": {"finished": len(finished), "total": len(trials)},
+        "trials": {"finished": sum(r["status"] == "finished" for r in trials), "total": len(trials)},
         "wall_s": round(time.time() - started, 1),
     }
-    with atomic_dir(join(dest, "chosen"), overwrite=True) as staging:
+
+
+def write_chosen(output: Output, chosen: dict[str, Any], metrics: dict[str, Any], cfg: CompressConfig,
+                 inputs: SearchInputs) -> None:
+    """``chosen/``: the candidate's files, metrics.json and a manifest with lineage, replaced atomically."""
+    ft_manifest_path = inputs.model_dir / "manifest.json"
+    with atomic_dir(output.chosen, overwrite=True) as staging:
         for f in local_copy(chosen["artifact"]).iterdir():
             shutil.copy2(f, staging / f.name)
         write_json(staging / "metrics.json", metrics)
-        ft_manifest = read_json(model_dir / "manifest.json") if (model_dir / "manifest.json").is_file() else {}
         write_json(staging / "manifest.json", manifest(
             "compress", cfg.model_dump(mode="json"),
-            task=data_manifest["task"], labels=base_model.labels, max_length=max_length,
-            parent=storage.canonical(cfg.model), parent_manifest=ft_manifest,
-            data=storage.canonical(cfg.data), data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
+            task=inputs.data_manifest["task"], labels=inputs.labels, max_length=inputs.max_length,
+            parent=storage.canonical(cfg.model),
+            parent_manifest=read_json(ft_manifest_path) if ft_manifest_path.is_file() else {},
+            data=storage.canonical(cfg.data), data_manifest_sha256=file_sha256(inputs.data_dir / "manifest.json"),
             trial_id=chosen["trial_id"], method=chosen["pipeline"], parameters=chosen["config"]))
-    write_report(out, trials, base, chosen, metrics, cfg)
-    publish_summary(out, dest)
+
+
+def write_reports(output: Output, trials: list[dict[str, Any]], base: dict[str, Any], chosen: dict[str, Any] | None,
+                  metrics: dict[str, Any] | None, cfg: CompressConfig) -> None:
+    """report.md, trials.json and pareto.png in the working folder, published to the output."""
+    from tuning.report import write_report
+
+    write_report(output.work, trials, base, chosen, metrics, cfg)
+    output.publish_reports()
+
+
+def main(cfg: CompressConfig) -> Path | str:
+    """Runs the search of ``cfg`` and writes ``chosen/`` and the reports; returns the location of ``chosen/``.
+
+    Raises:
+        InputError: An input does not fit (the message says which and how to fix it).
+        NoCandidateError: No candidate met the accuracy constraint (the reports are written first).
+    """
+    started = time.time()
+    output = open_output(cfg)
+    inputs = load_inputs(cfg)
+    shared = write_trial_inputs(cfg, inputs, output)
+    trials = collect_trials(run_search(cfg, shared, inputs.depth, output.dest))
+    finished = [r for r in trials if r["status"] == "finished"]
+    base = measure_again(finished, inputs, cfg.threads)
+    try:
+        chosen = choose(finished, base, cfg.max_accuracy_drop)
+    except NoCandidateError:
+        write_reports(output, trials, base, None, None, cfg)
+        raise
+    front = pareto_front(finished)
+    for r in finished:
+        r["pareto"] = any(r is p for p in front)
+    metrics = chosen_metrics(chosen, base, inputs, cfg, trials, started)
+    write_chosen(output, chosen, metrics, cfg, inputs)
+    write_reports(output, trials, base, chosen, metrics, cfg)
     log.info("chosen %s: test accuracy %.4f (base %.4f), %.2f ms at batch 1 (%.1fx faster), %.1f MB (%.1fx smaller)",
              chosen["trial_id"], metrics["accuracy"], metrics["base"]["accuracy"], metrics["latency_ms_b1"],
              metrics["speedup_b1"], metrics["size_mb"], metrics["size_reduction"])
-    return join(dest, "chosen") if remote else out / "chosen"
-
-
-def publish_summary(out: Path, dest: Path | str) -> None:
-    """Copies the report files from the local working folder to an output URI (a local output is the folder)."""
-    if storage.is_uri(dest):
-        for f in sorted(out.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                storage.upload_file(f, join(dest, f.name))
+    return output.chosen if output.remote else output.work / "chosen"
 
 
 def cli(argv: list[str] | None = None) -> None:

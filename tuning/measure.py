@@ -21,6 +21,7 @@ WEIGHT_FILES = ("model.safetensors", "model_int8.pt", "model.onnx", "pytorch_mod
 
 
 def weight_bytes(model_dir: Path) -> int:
+    """Bytes of an artifact's weight files (tokenizer and config not counted)."""
     return sum((Path(model_dir) / f).stat().st_size for f in WEIGHT_FILES if (Path(model_dir) / f).is_file())
 
 
@@ -43,6 +44,7 @@ def latency_ms(model: InferenceModel, texts: Sequence[str], batch_size: int, war
 
 
 def accuracy_f1(model: InferenceModel, texts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 (``jobs.tasks.accuracy_macro_f1``) of ``model`` on texts with label names."""
     name_to_id = {n: i for i, n in enumerate(model.labels)}
     y_true = np.array([name_to_id[n] for n in labels])
     return accuracy_macro_f1(y_true, model.logits(list(texts), batch_size=64).argmax(-1))

@@ -46,9 +46,11 @@ class Context:
 
 @dataclass
 class Candidate:
+    """A model being compressed: fp32 weights, its tokenizer, and the int8 backend to export it with."""
+
     model: Any  # fp32 transformers sequence classifier (possibly pruned / fewer layers / trimmed vocab)
     tokenizer: Any
-    quantize: str = "none"
+    int8_backend: str = "none"  # one of QUANTIZE_BACKENDS, applied by save_candidate
     steps: list[dict[str, Any]] = field(default_factory=list)  # what was applied, with parameters
 
 
@@ -57,6 +59,7 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]
 
 
 def val_accuracy(model: Any, tokenizer: Any, ctx: Context) -> float:
+    """Accuracy of an fp32 model on the context's validation texts (leaves it in train mode)."""
     import torch
 
     model.eval()
@@ -135,7 +138,7 @@ def distill(cand: Candidate, ctx: Context, *, layers: int, epochs: float = 2, lr
         if hasattr(layer.attention.self, "layer_idx"):
             layer.attention.self.layer_idx = i
     kd_train(model, cand.tokenizer, ctx, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha)
-    return Candidate(model, cand.tokenizer, cand.quantize, cand.steps + [
+    return Candidate(model, cand.tokenizer, cand.int8_backend, cand.steps + [
         {"method": "distill", "layers": keep, "epochs": epochs, "lr": lr, "temperature": temperature, "alpha": alpha}])
 
 
@@ -186,27 +189,14 @@ def prune(cand: Candidate, ctx: Context, *, heads: float = 0.25, ffn: float = 0.
     if recovery_steps:
         kd_train(model, cand.tokenizer, ctx, epochs=1, lr=lr, temperature=temperature, alpha=alpha,
                  max_steps=recovery_steps)
-    return Candidate(model, cand.tokenizer, cand.quantize, cand.steps + [
+    return Candidate(model, cand.tokenizer, cand.int8_backend, cand.steps + [
         {"method": "prune", "heads": heads, "ffn": ffn, "importance": importance, "recovery_steps": recovery_steps,
          "layer_shapes": layer_shapes(model)}])
 
 
-def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
-    """Keeps the embedding rows of tokens seen in the train texts plus special tokens; remaps the tokenizer.
-
-    WordPiece/BPE match greedily against the vocabulary, so on text whose tokens are all kept the new
-    tokenizer produces the same pieces (renumbered) and the model gives identical logits.
-    """
-    import torch
+def _renumbered_tokenizer(tok: Any, keep: list[int], new_id: dict[int, int]) -> Any:
+    """``tok`` with only the ``keep`` token ids, renumbered by ``new_id`` (old id -> new id)."""
     from transformers import AutoTokenizer
-
-    tok = cand.tokenizer
-    seen = set(tok.all_special_ids)
-    for i in range(0, len(ctx.train_texts), 1024):
-        for ids in tok(ctx.train_texts[i:i + 1024], truncation=False)["input_ids"]:
-            seen.update(ids)
-    keep = sorted(seen)
-    new_id = {old: new for new, old in enumerate(keep)}
 
     tmp = Path(tempfile.mkdtemp(prefix="slimray-trim-"))
     try:
@@ -232,6 +222,25 @@ def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
         new_tok = AutoTokenizer.from_pretrained(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return new_tok
+
+
+def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
+    """Keeps the embedding rows of tokens seen in the train texts plus special tokens; remaps the tokenizer.
+
+    WordPiece/BPE match greedily against the vocabulary, so on text whose tokens are all kept the new
+    tokenizer produces the same pieces (renumbered) and the model gives identical logits.
+    """
+    import torch
+
+    tok = cand.tokenizer
+    seen = set(tok.all_special_ids)
+    for i in range(0, len(ctx.train_texts), 1024):
+        for ids in tok(ctx.train_texts[i:i + 1024], truncation=False)["input_ids"]:
+            seen.update(ids)
+    keep = sorted(seen)
+    new_id = {old: new for new, old in enumerate(keep)}
+    new_tok = _renumbered_tokenizer(tok, keep, new_id)
 
     model = copy.deepcopy(cand.model)
     old = model.get_input_embeddings()
@@ -242,7 +251,7 @@ def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
         if getattr(model.config, attr, None) is not None:
             setattr(model.config, attr, new_id.get(getattr(model.config, attr)))
-    return Candidate(model, new_tok, cand.quantize, cand.steps + [
+    return Candidate(model, new_tok, cand.int8_backend, cand.steps + [
         {"method": "trim_vocab", "kept_tokens": len(keep), "original_tokens": len(tok)}])
 
 
@@ -274,6 +283,7 @@ def run_pipeline(cand: Candidate, ctx: Context, plan: dict[str, dict[str, Any]])
 
 
 def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
+    """Exports an fp32 classifier to ONNX (opset 17) with dynamic batch and sequence axes."""
     import warnings
 
     import torch
@@ -303,10 +313,10 @@ def save_candidate(cand: Candidate, out: Path, max_length: int) -> Path:
         "pipeline": cand.steps,
         "layer_shapes": shapes if pruned else None,
     }
-    if cand.quantize == "none":
+    if cand.int8_backend == "none":
         model.save_pretrained(out, safe_serialization=True)
         info.update(backend="torch", weights="model.safetensors")
-    elif cand.quantize == "torch-int8":
+    elif cand.int8_backend == "torch-int8":
         config.save_pretrained(out)
         torch.save(quantize_dynamic_int8(copy.deepcopy(model)).state_dict(), out / "model_int8.pt")
         info.update(backend="torch-int8", weights="model_int8.pt")

@@ -1,4 +1,8 @@
-"""``report.md`` (every trial in a table) and ``pareto.png`` (accuracy against latency, size as marker area)."""
+"""The search's report: ``report.md`` (every trial in a table), ``trials.json`` and ``pareto.png``.
+
+The tables here are the only ones of their kind: ``slimray run``'s report renders its compression
+section with the same ``trial_table`` and ``summary_markdown``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+# (column title, metrics.json key, decimals) of the base-vs-chosen table.
+SUMMARY_COLUMNS = (("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("latency b1 (ms)", "latency_ms_b1", 3),
+                   ("latency b32 (ms)", "latency_ms_b32", 2), ("size (MB)", "size_mb", 2))
+TRIAL_TABLE_HEADER = [
+    "| trial | status | pipeline | val accuracy | val macro-F1 | latency b1 (ms) | latency b32 (ms) | size (MB) | Pareto |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
 
 def describe_pipeline(pipeline: list[dict[str, Any]] | None) -> str:
+    """One line naming each compression step and its main parameters, in order applied."""
     if not pipeline:
         return "fp32 (no change)"
     parts = []
@@ -26,7 +39,55 @@ def describe_pipeline(pipeline: list[dict[str, Any]] | None) -> str:
     return " -> ".join(parts)
 
 
+def _measured_cells(r: dict[str, Any]) -> str:
+    return (f"{r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} | {r['latency_ms_b1']:.2f} | "
+            f"{r['latency_ms_b32']:.1f} | {r['size_mb']:.1f}")
+
+
+def _trial_row(r: dict[str, Any], chosen_id: str | None) -> str:
+    if r["status"] == "finished":
+        mark = "**chosen**" if r["trial_id"] == chosen_id else ("yes" if r.get("pareto") else "")
+        return f"| {r['trial_id']} | finished | {describe_pipeline(r['pipeline'])} | {_measured_cells(r)} | {mark} |"
+    detail = r.get("error") or (f"val accuracy {r['val_accuracy']:.4f} after epoch {r['epoch']}"
+                                if r.get("val_accuracy") is not None else "")
+    return f"| {r['trial_id']} | {r['status']} | {detail} | | | | | | |"
+
+
+def trial_table(trials: list[dict[str, Any]], base: dict[str, Any], chosen_id: str | None) -> list[str]:
+    """Markdown lines of the table of every trial: the base model first, then finished trials by validation
+    accuracy, then those stopped early or failed (with the reason).
+
+    Args:
+        trials: Rows as ``tuning.compress`` collects them (``trials.json``'s ``trials``).
+        base: The base model's measurements (``val_accuracy``, ``latency_ms_b1``, ...).
+        chosen_id: Trial id marked **chosen**; None when nothing was chosen.
+    """
+    lines = TRIAL_TABLE_HEADER + [f"| base | — | fine-tuned fp32 | {_measured_cells(base)} | |"]
+    ordered = sorted(trials, key=lambda r: (r["status"] != "finished", -(r.get("val_accuracy") or 0)))
+    return lines + [_trial_row(r, chosen_id) for r in ordered]
+
+
+def summary_rows(m: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Rows of the base-vs-chosen table, straight from ``chosen/metrics.json``."""
+    base = m["base"]
+    return [
+        ("base (fine-tuned)", [f"{base[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
+        ("chosen", [f"{m[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
+        ("ratio", [f"{-m['accuracy_drop_pts']:+.2f} pts", f"{100 * (m['macro_f1'] - base['macro_f1']):+.2f} pts",
+                   f"{m['speedup_b1']:.2f}x faster", f"{m['speedup_b32']:.2f}x faster",
+                   f"{m['size_reduction']:.2f}x smaller"]),
+    ]
+
+
+def summary_markdown(m: dict[str, Any]) -> str:
+    """The base-vs-chosen table of ``chosen/metrics.json`` as markdown."""
+    lines = ["| | " + " | ".join(t for t, _, _ in SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in summary_rows(m)]
+    return "\n".join(lines)
+
+
 def plot_pareto(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], chosen: dict[str, Any] | None) -> None:
+    """Validation accuracy against batch-1 latency (log scale), marker area growing with size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,8 +118,25 @@ def plot_pareto(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], ch
     plt.close(fig)
 
 
+def _chosen_section(chosen: dict[str, Any] | None, metrics: dict[str, Any] | None) -> list[str]:
+    if metrics is None or chosen is None:
+        return ["## No candidate met the constraint", ""]
+    return [f"## Chosen: `{chosen['trial_id']}` — {describe_pipeline(chosen.get('pipeline'))}", "",
+            f"On the {metrics['split']} split (`chosen/metrics.json`):", "", summary_markdown(metrics), ""]
+
+
 def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], chosen: dict[str, Any] | None,
                  metrics: dict[str, Any] | None, cfg: Any) -> None:
+    """Writes ``out/report.md``, ``out/trials.json`` and ``out/pareto.png``.
+
+    Args:
+        out: Local folder to write into.
+        trials: Every trial's row (finished ones measured after the search).
+        base: The base model's measurements.
+        chosen: The chosen row, or None when no candidate met the constraint.
+        metrics: ``chosen/metrics.json``'s content, or None with ``chosen``.
+        cfg: The ``CompressConfig`` of the search.
+    """
     finished = [r for r in trials if r["status"] == "finished"]
     lines = [
         "# Compression search",
@@ -69,45 +147,13 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
         "tokenization excluded, padding to the longest text in each batch, measured one model after another "
         "after the search.",
         "",
-    ]
-    if metrics is not None and chosen is not None:
-        b = metrics["base"]
-        lines += [
-            f"## Chosen: `{chosen['trial_id']}` — {describe_pipeline(chosen.get('pipeline'))}",
-            "",
-            "| | test accuracy | macro-F1 | latency b1 (ms) | latency b32 (ms) | size (MB) |",
-            "|---|---|---|---|---|---|",
-            f"| base (fine-tuned fp32) | {b['accuracy']:.4f} | {b['macro_f1']:.4f} | {b['latency_ms_b1']:.2f} | "
-            f"{b['latency_ms_b32']:.1f} | {b['size_mb']:.1f} |",
-            f"| chosen | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {metrics['latency_ms_b1']:.2f} | "
-            f"{metrics['latency_ms_b32']:.1f} | {metrics['size_mb']:.1f} |",
-            f"| ratio | {-metrics['accuracy_drop_pts']:+.2f} pts | | {metrics['speedup_b1']:.1f}x faster | "
-            f"{metrics['speedup_b32']:.1f}x faster | {metrics['size_reduction']:.1f}x smaller |",
-            "",
-        ]
-    else:
-        lines += ["## No candidate met the constraint", ""]
-    lines += [
+        *_chosen_section(chosen, metrics),
         "![Pareto plot](pareto.png)",
         "",
         "## Every trial",
         "",
-        "| trial | status | pipeline | val accuracy | val macro-F1 | latency b1 (ms) | latency b32 (ms) | size (MB) | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| base | — | fine-tuned fp32 | {base['val_accuracy']:.4f} | {base['val_macro_f1']:.4f} | "
-        f"{base['latency_ms_b1']:.2f} | {base['latency_ms_b32']:.1f} | {base['size_mb']:.1f} | |",
+        *trial_table(trials, base, chosen["trial_id"] if chosen is not None else None),
     ]
-    for r in sorted(trials, key=lambda r: (r["status"] != "finished", -(r.get("val_accuracy") or 0))):
-        if r["status"] == "finished":
-            mark = "**chosen**" if chosen is not None and r["trial_id"] == chosen["trial_id"] else (
-                "yes" if r.get("pareto") else "")
-            lines.append(f"| {r['trial_id']} | finished | {describe_pipeline(r['pipeline'])} | {r['val_accuracy']:.4f} | "
-                         f"{r['val_macro_f1']:.4f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.1f} | "
-                         f"{r['size_mb']:.1f} | {mark} |")
-        else:
-            detail = r.get("error") or (f"val accuracy {r['val_accuracy']:.4f} after epoch {r['epoch']}"
-                                        if r.get("val_accuracy") is not None else "")
-            lines.append(f"| {r['trial_id']} | {r['status']} | {detail} | | | | | | |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # The same rows for programs (``slimray run``'s report): every trial, base and chosen, measured.
     (out / "trials.json").write_text(json.dumps({"base": base, "chosen": chosen, "trials": trials}, indent=2,
