@@ -286,8 +286,11 @@ def run_cli(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | None
 
     Config, input and storage errors print one clear line each and exit with status 2 (no traceback).
     """
+    import logging
+
     from jobs.errors import InputError  # local: keeps config importable without the ML stack
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     prog = prog or model_cls.__name__
     try:
         cfg = parse_args(model_cls, argv, prog)

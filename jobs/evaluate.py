@@ -80,7 +80,6 @@ def main(cfg: EvaluateConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_cli(EvaluateConfig, main, argv, prog="slimray evaluate")
 
 

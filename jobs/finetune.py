@@ -38,7 +38,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from cluster import storage
 from cluster.settings import get_settings
 from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, read_json, write_json
-from jobs.config import Location, NameOrPath, StageConfig, run_stage
+from jobs.config import Location, NameOrPath, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
 
@@ -47,7 +47,7 @@ log = logging.getLogger("slimray.finetune")
 PERSISTENCE_THRESHOLD_DEFAULT = 100_000
 
 
-class DeepSpeedOptions(StageConfig):
+class DeepSpeedOptions(StrictModel):
     """DeepSpeed options slimray exposes; anything else goes through ``extra``."""
 
     overlap_comm: bool = Field(default=True, description="Overlap gradient reduction with the backward pass "
@@ -68,7 +68,7 @@ class DeepSpeedOptions(StageConfig):
                                   "slimray sets from its own options must keep their value")
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(StrictModel):
     """Fine-tune a pretrained encoder with Ray Train + DeepSpeed ZeRO; --out is a Hugging Face model folder."""
 
     data: Location = Field(description="Prepared data folder (output of `slimray prepare`): a path or a "
@@ -762,8 +762,7 @@ def main(cfg: FinetuneConfig) -> Path | str:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(FinetuneConfig, main, argv, prog="slimray finetune")
+    run_cli(FinetuneConfig, main, argv, prog="slimray finetune")
 
 
 if __name__ == "__main__":

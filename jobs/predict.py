@@ -116,7 +116,6 @@ def main(cfg: PredictConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_cli(PredictConfig, main, argv, prog="slimray predict")
 
 

@@ -316,7 +316,6 @@ def read_split(data: Path | str, split: str, columns: Sequence[str] = ("text", "
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_cli(PrepareConfig, main, argv, prog="slimray prepare")
 
 

@@ -33,14 +33,14 @@ from pydantic import Field
 from cluster import storage
 from cluster.storage import join, local_copy
 from jobs.artifacts import atomic_dir, file_sha256, manifest, read_json, write_json
-from jobs.config import Location, StageConfig, run_stage
+from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
 
 log = logging.getLogger("slimray.compress")
 
 
-class SearchSpace(StageConfig):
+class SearchSpace(StrictModel):
     """The compression search space; a one-element list fixes a parameter."""
 
     distill_layers: list[int] | None = Field(
@@ -58,7 +58,7 @@ class SearchSpace(StageConfig):
     quantize: list[str] = Field(default=["onnx-int8", "torch-int8", "none"], description="int8 backend or none")
 
 
-class CompressConfig(StageConfig):
+class CompressConfig(StrictModel):
     """Search compressions of a fine-tuned model with Ray Tune; choose on the Pareto front."""
 
     model: Location = Field(description="Fine-tuned model folder (output of `slimray finetune`): a path or a "
@@ -565,8 +565,7 @@ def main(cfg: CompressConfig) -> Path | str:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(CompressConfig, main, argv, prog="slimray compress")
+    run_cli(CompressConfig, main, argv, prog="slimray compress")
 
 
 if __name__ == "__main__":
