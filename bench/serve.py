@@ -155,19 +155,17 @@ def run_serve(model_dir: str, configs: list[tuple[int, int]], port: int, texts, 
     from ray import serve
 
     from cluster.ray_env import connect
-    from serve_app.app import INGRESS, MODEL, AppArgs, compose_app
-    from serve_app.run import apply_serve_env
+    from serve_app.app import MODEL, AppArgs
+    from serve_app.run import apply_serve_env, deploy
 
     apply_serve_env()
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray renices its workers by +15: not the plain server's
     connect()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     out = {}
     try:
-        for replicas, threads in configs:
-            options = {INGRESS: {"num_replicas": 1}, MODEL: {"num_replicas": replicas}}
-            serve.run(compose_app(AppArgs(model=model_dir, threads=threads), options), name="slimray",
-                      route_prefix="/")
+        for replicas, threads in configs:  # the YAML's deployment options, with a fixed replica count
+            deploy(AppArgs(model=model_dir, threads=threads), port=port,
+                   deployments={MODEL: {"num_replicas": replicas, "autoscaling_config": None}})
             wait_http(port)
             name = f"serve {replicas}x{threads}"
             print(f"  {name}", flush=True)

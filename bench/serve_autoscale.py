@@ -25,10 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import LoadResult, build_request, closed_loop  # noqa: E402
-from bench.serve import bench_texts, wait_http  # noqa: E402
+from bench.serve import bench_texts  # noqa: E402
 from cluster.settings import get_settings  # noqa: E402
 
 APP = "slimray"
+FIXED = {"autoscaling_config": None}  # deployment options: a fixed replica count instead of the YAML's autoscaling
 
 
 class ReplicaWatch(threading.Thread):
@@ -128,9 +129,8 @@ def main() -> None:
 
     from ray import serve
 
-    from cluster.ray_env import connect
-    from serve_app.app import MODEL, AppArgs, compose_app
-    from serve_app.run import SERVE_CONFIG, app_from_serve_config, apply_serve_env
+    from serve_app.app import MODEL, AppArgs
+    from serve_app.run import SERVE_CONFIG, app_from_serve_config, deploy
 
     storage = Path(get_settings().storage_root)
     model_dir = str(Path(args.model or storage / "bench" / "b77-ft").resolve())
@@ -142,13 +142,9 @@ def main() -> None:
     texts = bench_texts()
     requests = [build_request("/v1/classify", json.dumps({"texts": [t]}).encode(), args.port) for t in texts]
 
-    apply_serve_env()
-    connect()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     results: dict = {"model": model_dir, "autoscaling_config": autoscaling}
     try:
-        serve.run(compose_app(AppArgs(model=model_dir), options), name=APP, route_prefix="/")
-        wait_http(args.port)
+        deploy(AppArgs(model=model_dir), port=args.port)  # returns once the app answers
         watch = ReplicaWatch()
         watch.start()
         assert wait_until(lambda: watch.running() == 1, 30), "expected 1 replica at rest"
@@ -176,14 +172,10 @@ def main() -> None:
         results["scale_up"], results["scale_down"] = up, down
 
         print("2. replica killed (SIGKILL) under load", flush=True)
-        serve.run(compose_app(AppArgs(model=model_dir), {**options, MODEL: {**options[MODEL], "num_replicas": 2,
-                                                                            "autoscaling_config": None}}),
-                  name=APP, route_prefix="/")
+        deploy(AppArgs(model=model_dir), port=args.port, deployments={MODEL: {**FIXED, "num_replicas": 2}})
         assert wait_until(lambda: watch.running() == 2, 120), "expected 2 replicas"
         kills = [kill_phase(watch, args.port, requests, 16, 25, "one of 2 replicas killed")]
-        serve.run(compose_app(AppArgs(model=model_dir), {**options, MODEL: {**options[MODEL], "num_replicas": 1,
-                                                                            "autoscaling_config": None}}),
-                  name=APP, route_prefix="/")
+        deploy(AppArgs(model=model_dir), port=args.port, deployments={MODEL: {**FIXED, "num_replicas": 1}})
         assert wait_until(lambda: watch.running() == 1 and watch.log[-1][3] == 1, 120), "expected 1 replica"
         kills.append(kill_phase(watch, args.port, requests, 8, 30, "the only replica killed"))
         results["kills"] = kills

@@ -297,8 +297,3 @@ def run_cli(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | None
         main(cfg)
     except (ConfigError, InputError, StorageError) as e:
         exit_with_error(prog, e)
-
-
-# Old names, kept until every module uses the new ones.
-StageConfig = StrictModel
-run_stage = run_cli

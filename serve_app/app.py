@@ -2,18 +2,20 @@
 
     HTTP -> Ingress (validation, auth, canary split, playbook, hand-off) -> Model / CanaryModel (batched)
 
-``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``).
+``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``): Serve
+calls it with the YAML's ``args`` (``serve deploy``), or with the args ``serve_app.run.deploy`` puts there.
 Live knobs come through ``user_config``: ``RoutingKnobs`` for the ingress (canary fraction, hand-off
 threshold override), ``BatchKnobs`` for each model deployment (batch size, batch wait). Replica counts,
-autoscaling and resources live in ``serve_config.yaml``; the decorators only set what the code needs.
+autoscaling, requests in flight and resources live in ``serve_config.yaml`` only: the decorators set none.
 """
 
 import asyncio
 import logging
 import os
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, SecretStr
@@ -22,7 +24,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cluster.settings import get_settings
-from jobs.config import StageConfig
+from jobs.config import StrictModel
 from jobs.errors import InputError
 from serve_app.api import Classification, Limits, ModelUnavailable, make_api
 from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook
@@ -32,7 +34,7 @@ log = logging.getLogger("slimray.serve")
 INGRESS, MODEL, CANARY = "Ingress", "Model", "CanaryModel"
 
 
-class BatchKnobs(StageConfig):
+class BatchKnobs(StrictModel):
     """Live knobs of a model deployment (its ``user_config``)."""
 
     max_batch_size: int = Field(default=64, ge=1, le=512, description="Most texts in one forward pass "
@@ -41,7 +43,7 @@ class BatchKnobs(StageConfig):
                                         "after its first text; at low load every request pays it")
 
 
-class RoutingKnobs(StageConfig):
+class RoutingKnobs(StrictModel):
     """Live knobs of the ingress (its ``user_config``)."""
 
     canary_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of requests the canary version "
@@ -50,7 +52,7 @@ class RoutingKnobs(StageConfig):
                                             "calibrated hand-off threshold; null uses the calibration")
 
 
-class AppArgs(StageConfig):
+class AppArgs(StrictModel):
     """Arguments of ``build_app``: which model versions to serve and how the assistant behaves."""
 
     model: str = Field(description="Model artifact folder of the primary version (fine-tuned or compressed; "
@@ -81,20 +83,38 @@ class AppArgs(StageConfig):
                                         "SLIMRAY_API_TOKEN setting (flags show in the process list, YAML in git)")
 
 
+@dataclass(frozen=True)
+class Version:
+    """One served model version: what the ingress routes to and ``/v1/models`` describes."""
+
+    version: str  # its name in answers (model_version, x-model-version)
+    role: Literal["primary", "canary"]
+    model_dir: str  # absolute path of the model artifact
+    calibration: dict[str, Any]  # "threshold" and "source"; precision, coverage, n... when calibrated
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated hand-off threshold."""
+        return self.calibration["threshold"]
+
+
+_BATCH_DEFAULTS = BatchKnobs()  # until reconfigure() applies the deployment's user_config
+
+
 def _texts_in(chunks: list[list[str]]) -> int:
     return sum(len(c) for c in chunks)
 
 
-@serve.deployment(name=MODEL, max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment  # named MODEL or CANARY by build_app
 class ModelServer:
     """One model version: tokenization and forward pass, batched across requests by ``@serve.batch``."""
 
-    def __init__(self, model_dir: str, version: str, threads: int, max_top_k: int):
+    def __init__(self, version: Version, threads: int, max_top_k: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool fights torch's
         from jobs.inference import load_inference_model
 
-        self.model = load_inference_model(model_dir, threads=threads)
-        self.version, self.threads, self.max_top_k = version, threads, max_top_k
+        self.model = load_inference_model(version.model_dir, threads=threads)
+        self.version, self.threads, self.max_top_k = version.version, threads, max_top_k
         self.labels = np.array(self.model.labels, dtype=object)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.knobs = BatchKnobs()
@@ -112,7 +132,8 @@ class ModelServer:
         parts = await asyncio.gather(*(self._batched(chunk) for chunk in chunks))
         return [top for part in parts for top in part], self.replica
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, batch_size_fn=_texts_in)
+    @serve.batch(max_batch_size=_BATCH_DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=_BATCH_DEFAULTS.batch_wait_timeout_s, batch_size_fn=_texts_in)
     async def _batched(self, chunks: list[list[str]]) -> list[list[list[tuple[str, float]]]]:
         flat = [text for chunk in chunks for text in chunk]
         top = await asyncio.to_thread(self._top, flat)  # the loop keeps queueing the next batch meanwhile
@@ -136,20 +157,19 @@ class ModelServer:
                 "batching": self.knobs.model_dump()}
 
 
-@serve.deployment(name=INGRESS, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.2})
+@serve.deployment(name=INGRESS)
 @serve.ingress()
 class Ingress:
     """HTTP ingress and assistant: routes each request to a version, then applies the playbook."""
 
-    def __init__(self, primary: DeploymentHandle, canary: DeploymentHandle | None, versions: list[dict[str, Any]],
-                 playbook: dict[str, Any], playbook_source: str, limits: dict[str, int], retries: int,
-                 api_token: str | None):
+    def __init__(self, primary: DeploymentHandle, canary: DeploymentHandle | None, versions: list[Version],
+                 playbook: Playbook, playbook_source: str, limits: Limits, retries: int, api_token: str | None):
         from ray.serve.metrics import Counter
 
         self.handles = [primary] + ([canary] if canary is not None else [])
         self.versions, self.retries = versions, retries
-        self.playbook, self.playbook_source = Playbook.model_validate(playbook), playbook_source
-        self.limits = Limits(**limits)
+        self.playbook, self.playbook_source = playbook, playbook_source
+        self.limits = limits
         self.api_token = api_token
         self.knobs = RoutingKnobs()
         self.intents = Counter("slimray_intents", description="Assist answers per intent and model version",
@@ -168,11 +188,17 @@ class Ingress:
         if decision.handoff:
             self.handoffs.inc(tags={"reason": decision.handoff_reason or "", "model_version": version})
 
+    def _threshold(self, version: Version) -> float:
+        """The hand-off threshold in force: the live override, else the version's calibration."""
+        override = self.knobs.handoff_threshold
+        return version.threshold if override is None else override
+
     async def classify(self, texts: list[str]) -> Classification:
         """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
         import ray.exceptions
 
         i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
+        version = self.versions[i]
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
@@ -180,24 +206,19 @@ class Ingress:
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 error = e
-                log.warning("model %s replica failed (attempt %d): %s", self.versions[i]["version"], attempt + 1,
+                log.warning("model %s replica failed (attempt %d): %s", version.version, attempt + 1,
                             type(e).__name__)
                 await asyncio.sleep(0.1 * 2 ** attempt)
         else:
-            raise ModelUnavailable(f"{self.versions[i]['version']}: {type(error).__name__}")
-        threshold = self.knobs.handoff_threshold
-        if threshold is None:
-            threshold = self.versions[i]["calibration"]["threshold"]
-        return Classification(version=self.versions[i]["version"], threshold=threshold, top=top, replica=replica)
+            raise ModelUnavailable(f"{version.version}: {type(error).__name__}")
+        return Classification(version=version.version, threshold=self._threshold(version), top=top, replica=replica)
 
     async def describe(self) -> dict[str, Any]:
         """Backend.describe: every version with its live state, the routing knobs and the playbook."""
         infos = await asyncio.gather(*(h.info.remote() for h in self.handles))
         fractions = [1.0] if len(self.handles) == 1 else [1 - self.knobs.canary_fraction, self.knobs.canary_fraction]
         return {
-            "versions": [{**v, **info, "traffic_fraction": f,
-                          "handoff_threshold": v["calibration"]["threshold"] if self.knobs.handoff_threshold is None
-                          else self.knobs.handoff_threshold}
+            "versions": [{**asdict(v), **info, "traffic_fraction": f, "handoff_threshold": self._threshold(v)}
                          for v, info, f in zip(self.versions, infos, fractions)],
             "routing": self.knobs.model_dump(),
             "playbook": {"source": self.playbook_source, "intents": sorted(self.playbook.intents)},
@@ -225,44 +246,52 @@ def resolve_calibration(model_dir: str, data: str | None, target_precision: floa
     return {"threshold": default_threshold, "source": "default (no calibration.json, no data folder)"}
 
 
-def _version(model_dir: str, name: str | None, role: str, args: AppArgs) -> dict[str, Any]:
-    path = Path(model_dir).expanduser().resolve()
-    if not path.is_dir():
-        raise InputError(f"{role} model folder {model_dir!r} does not exist")
-    return {"version": name or path.name, "role": role, "model_dir": str(path),
-            "calibration": resolve_calibration(str(path), args.data, args.target_precision, args.default_threshold)}
+def _local(path: str | None) -> str | None:
+    """An absolute local path (Serve may build the app in another working directory); a URI as given."""
+    return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _folders(args: AppArgs) -> list[tuple[Literal["primary", "canary"], str, str]]:
+    """(role, model folder, version name) of each version to serve."""
+    out = [("primary", args.model, args.version or Path(args.model).name)]
+    if args.canary_model:
+        out.append(("canary", args.canary_model, args.canary_version or Path(args.canary_model).name))
+    return out
+
+
+def resolve_paths(args: AppArgs) -> AppArgs:
+    """``args`` with absolute paths, once each model folder is known to exist and the versions' names differ:
+    the mistakes worth a one-line error before Serve starts (``serve_app.run.deploy`` checks them first)."""
+    for role, folder, _ in _folders(args):
+        if not Path(folder).expanduser().is_dir():
+            raise InputError(f"{role} model folder {folder!r} does not exist")
+    args = args.model_copy(update={key: _local(getattr(args, key))
+                                   for key in ("model", "canary_model", "data", "playbook")})
+    names = [name for _, _, name in _folders(args)]
+    if len(set(names)) < len(names):
+        raise InputError(f"primary and canary are both called {names[0]!r}: set version or canary_version")
+    return args
 
 
 def build_app(args: AppArgs) -> Application:
     """The Serve application: Ingress bound to one model deployment per version.
 
     ``serve deploy`` validates the YAML's ``args`` into ``AppArgs`` through this annotation (keep it a
-    real class: no ``from __future__ import annotations`` in this module).
+    real class: no ``from __future__ import annotations`` in this module). Deployment options come from
+    the Serve config, applied by Serve; here only each deployment's name and initial knobs are set.
     """
-    return compose_app(args, {})
-
-
-def compose_app(args: AppArgs, options: dict[str, dict[str, Any]]) -> Application:
-    """``build_app`` with per-deployment ``.options()`` overrides, keyed by deployment name: what a Serve
-    YAML's ``deployments:`` entries hold (``slimray serve`` passes those of ``serve_config.yaml``)."""
-    versions = [_version(args.model, args.version, "primary", args)]
-    if args.canary_model:
-        versions.append(_version(args.canary_model, args.canary_version, "canary", args))
-        if versions[0]["version"] == versions[1]["version"]:
-            raise InputError(f"primary and canary are both called {versions[0]['version']!r}: set version "
-                             "or canary_version")
-    playbook_path = args.playbook or find_playbook(versions[0]["model_dir"])
+    args = resolve_paths(args)
+    versions = [Version(name, role, folder, resolve_calibration(folder, args.data, args.target_precision,
+                                                                args.default_threshold))
+                for role, folder, name in _folders(args)]
+    playbook_path = args.playbook or find_playbook(args.model)
     playbook = load_playbook(playbook_path) if playbook_path else Playbook()
     playbook_source = str(playbook_path) if playbook_path else "generated (no playbook found)"
-
-    def model(name: str, v: dict[str, Any]) -> Application:
-        chosen = {"name": name, "user_config": args.batching.model_dump(), **options.get(name, {})}
-        return ModelServer.options(**chosen).bind(v["model_dir"], v["version"], args.threads, args.max_top_k)
-
-    primary = model(MODEL, versions[0])
-    canary = model(CANARY, versions[1]) if len(versions) > 1 else None
-    limits = {"max_texts": args.max_texts, "max_chars": args.max_chars, "max_top_k": args.max_top_k}
-    secret = args.api_token or get_settings().api_token  # read where the app is built: driver or cluster
+    models = [ModelServer.options(name=name, user_config=args.batching.model_dump()).bind(
+        version, args.threads, args.max_top_k) for name, version in zip((MODEL, CANARY), versions)]
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_top_k=args.max_top_k)
+    secret = args.api_token or get_settings().api_token  # read where Serve builds the app: on the cluster
     token = (secret.get_secret_value() if secret else "") or None  # empty: no auth (not an empty password)
-    return Ingress.options(**{"user_config": args.routing.model_dump(), **options.get(INGRESS, {})}).bind(
-        primary, canary, versions, playbook.model_dump(), playbook_source, limits, args.retries, token)
+    return Ingress.options(user_config=args.routing.model_dump()).bind(
+        models[0], models[1] if len(models) > 1 else None, versions, playbook, playbook_source, limits,
+        args.retries, token)

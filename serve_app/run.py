@@ -1,25 +1,28 @@
-"""Serve stage: run the assistant's Serve graph on the embedded (or configured) Ray cluster.
+"""Serve stage: deploy the assistant's Serve graph from ``serve_config.yaml`` and serve until Ctrl-C.
 
     slimray serve --model runs/b77/ft                                  # HTTP on 127.0.0.1:8000
     slimray serve --model runs/b77/ft --canary-model runs/b77/int8 --set routing.canary_fraction=0.1
     python -m serve_app.run --config my_serve.yaml                     # a YAML instance of ServeConfig
 
-The deployments get the options of ``--serve-config`` (default ``serve_app/serve_config.yaml``:
-autoscaling, resources, live knobs), so this runs the same app that ``serve deploy`` puts on a cluster.
-The app's arguments come from the flags only (the YAML's ``args`` name paths on a cluster and another
-model's data). Stops on Ctrl-C, or after ``--run-for-s``.
+``deploy`` is the one way the app is put on a cluster here: ``slimray serve``, the smoke test of
+``slimray run`` and ``slimray run --serve`` all call it. It hands Serve the config of ``--serve-config``
+(default ``serve_app/serve_config.yaml``) with the app's args, the HTTP address and any deployment options
+replaced, so Serve applies the YAML's deployment options (autoscaling, resources, live knobs) exactly as
+``serve deploy`` does on a cluster. The app's arguments come from the flags only (the YAML's ``args`` name
+paths on a cluster and another model's data); knobs set by flags win over the YAML's ``user_config``.
 """
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from jobs.config import ConfigError, load_yaml, run_stage
-from serve_app.app import AppArgs, compose_app
+from jobs.config import ConfigError, load_yaml, run_cli
+from serve_app.app import CANARY, INGRESS, MODEL, AppArgs, resolve_paths
 
 log = logging.getLogger("slimray.serve")
 
@@ -31,6 +34,7 @@ SERVE_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",  # handle calls between replicas over gRPC, not actor calls
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # no thread hop per request; our code never blocks
 }
+TOKEN_ENV = "SLIMRAY_API_TOKEN"  # cluster.settings.Settings.api_token
 
 
 def apply_serve_env() -> None:
@@ -49,8 +53,12 @@ class ServeConfig(AppArgs):
     run_for_s: float | None = Field(default=None, gt=0, description="Smoke knob: shut down after this many seconds")
 
 
-def app_from_serve_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(application entry, per-deployment options) of the slimray app in a Serve config YAML."""
+def read_serve_config(path: Path):
+    """The Serve config YAML at ``path``, validated by Serve's schema; it must hold the slimray app once.
+
+    Returns:
+        ``ray.serve.schema.ServeDeploySchema``.
+    """
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -58,37 +66,139 @@ def app_from_serve_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[st
         schema = ServeDeploySchema.model_validate(load_yaml(path))
     except ValidationError as e:
         raise ConfigError(f"{path} is not a valid Serve config: {e}") from None
-    apps = [a for a in schema.applications if a.import_path == IMPORT_PATH]
-    if len(apps) != 1:
+    if [a.import_path for a in schema.applications].count(IMPORT_PATH) != 1:
         raise ConfigError(f"{path} must hold exactly one application with import_path {IMPORT_PATH!r}")
-    app = apps[0]
+    return schema
+
+
+def app_from_serve_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(application entry, per-deployment options by name) of the slimray app in a Serve config YAML."""
+    app = next(a for a in read_serve_config(path).applications if a.import_path == IMPORT_PATH)
     options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
     return app.model_dump(exclude_unset=True), options
 
 
-def main(cfg: ServeConfig) -> None:
+def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "127.0.0.1", port: int = 8000,
+                 deployments: dict[str, dict[str, Any]] | None = None):
+    """The Serve config that ``deploy`` hands to Serve: ``serve_config`` with the slimray app alone, ``args`` as
+    its args (without the API token: Serve logs args), HTTP on ``host:port``, and deployment options changed.
+
+    Args:
+        args: the app's arguments; routing and batching knobs that were set explicitly win over the
+            ``user_config`` of the YAML, key by key.
+        serve_config: Serve config YAML (deployment options, HTTP options, app name and route).
+        host: HTTP host.
+        port: HTTP port.
+        deployments: per deployment name, options that replace the YAML's (a ``None`` value removes the
+            option, e.g. ``{"Model": {"num_replicas": 2, "autoscaling_config": None}}``). A canary without
+            an entry of its own gets the ``Model`` entry's options.
+
+    Returns:
+        ``ray.serve.schema.ServeDeploySchema``.
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    config = read_serve_config(serve_config).model_dump(exclude_unset=True)
+    (app,) = [a for a in config["applications"] if a["import_path"] == IMPORT_PATH]
+    app["args"] = args.model_dump(mode="json", include=set(AppArgs.model_fields) - {"api_token"},
+                                  exclude_defaults=True)
+    entries = {d["name"]: d for d in app.get("deployments", [])}
+    if args.canary_model and MODEL in entries:
+        entries.setdefault(CANARY, {**entries[MODEL], "name": CANARY})  # same code, same needs
+    knobs = {INGRESS: args.routing, MODEL: args.batching, CANARY: args.batching if args.canary_model else None}
+    for name, given in knobs.items():
+        set_knobs = given.model_dump(exclude_unset=True) if given is not None else {}
+        if set_knobs:
+            entry = entries.setdefault(name, {"name": name})
+            entry["user_config"] = {**(entry.get("user_config") or {}), **set_knobs}
+    for name, options in (deployments or {}).items():
+        entries[name] = {k: v for k, v in {**entries.get(name, {}), **options, "name": name}.items()
+                         if v is not None}
+    app["deployments"] = list(entries.values())
+    config["applications"] = [app]
+    config["http_options"] = {**config.get("http_options", {}), "host": host, "port": port}
+    return ServeDeploySchema.model_validate(config)
+
+
+def _hand_token_to_cluster(token: SecretStr | None) -> None:
+    """Serve logs an app's args and Ray logs runtime environments, so a token given as an argument reaches
+    the app as the cluster's SLIMRAY_API_TOKEN setting: Ray's processes inherit this process's environment
+    when it starts the cluster. A cluster that runs already needs the setting in its own environment."""
+    import ray
+
+    from cluster.settings import get_settings
+
+    if token is None:
+        return
+    if ray.is_initialized() or get_settings().ray_address or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        raise ConfigError(f"api_token reaches the app only on a cluster that this command starts; on a running "
+                          f"cluster set {TOKEN_ENV} in its environment instead")
+    os.environ[TOKEN_ENV] = token.get_secret_value()
+
+
+def deploy(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "127.0.0.1", port: int = 8000,
+           deployments: dict[str, dict[str, Any]] | None = None, timeout_s: float = 600) -> str:
+    """Deploys the slimray app of ``serve_config`` with ``args`` (see ``serve_schema``) and returns its URL once
+    it answers. Connects to Ray first (an embedded cluster unless one is configured).
+
+    Serve builds the app (``build_app``, on the cluster) and applies the config's deployment options, as
+    for ``serve deploy``; deploying again with only ``user_config`` changed reconfigures replicas in place.
+
+    Raises:
+        InputError: a model folder is missing or both versions have the same name (checked here first).
+        RuntimeError: Serve could not deploy the app (its message says why).
+        TimeoutError: the app was not running after ``timeout_s`` seconds.
+    """
     from ray import serve
+    from ray.serve._private.api import serve_start
 
     from cluster.ray_env import connect
 
-    entry, options = app_from_serve_config(cfg.serve_config)
-    args = AppArgs.model_validate(cfg.model_dump(include=AppArgs.model_fields.keys()))
-    app = compose_app(args, options)  # resolves calibration and playbook, fails early on a bad folder
+    args = resolve_paths(args)  # a missing folder fails here, in one line, not in Serve's build task
+    schema = serve_schema(args, serve_config, host, port, deployments)
+    _hand_token_to_cluster(args.api_token)
     apply_serve_env()
     connect()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=entry.get("name", "slimray"), route_prefix=entry.get("route_prefix", "/"), blocking=False)
-    url = f"http://{cfg.host}:{cfg.port}"
-    log.info("serving %s at %s (API docs: %s/docs); Prometheus metrics: Ray's metrics export port %s",
-             args.model, url, url, metrics_port())
+    # What Ray's own `serve run CONFIG` does: start Serve with the config's HTTP options, then let the
+    # controller apply the config (build the app, apply each deployment's options).
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    (app,) = schema.applications
+    deadline = time.monotonic() + timeout_s
+    while (status := serve.status().applications.get(app.name)) is None or status.status != "RUNNING":
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve could not deploy {app.name!r} ({status.status}): {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{app.name!r} not running after {timeout_s:.0f} s: {status and status.message}")
+        time.sleep(0.5)  # the controller reconciles every 0.1 s; a build takes seconds
+    client.wait_for_proxies_serving(wait_for_applications_running=True)
+    return f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def serving_until_interrupted(run_for_s: float | None = None) -> Iterator[None]:
+    """Runs the block (a ``deploy``), then serves until Ctrl-C (or for ``run_for_s`` seconds), then shuts Serve
+    down. Ctrl-C while the block still runs ends it as quietly."""
+    import ray
+    from ray import serve
+
     try:
-        deadline = time.monotonic() + cfg.run_for_s if cfg.run_for_s else float("inf")
+        yield
+        deadline = time.monotonic() + run_for_s if run_for_s else float("inf")
         while time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if ray.is_initialized():  # else shutdown() would start Ray (deploy failed before connecting)
+            serve.shutdown()
+
+
+def main(cfg: ServeConfig) -> None:
+    with serving_until_interrupted(cfg.run_for_s):
+        url = deploy(cfg, cfg.serve_config, cfg.host, cfg.port)
+        log.info("serving %s at %s (API docs: %s/docs); Prometheus metrics: Ray's metrics export port %s",
+                 cfg.model, url, url, metrics_port())
 
 
 def metrics_port() -> int | None:
@@ -100,8 +210,7 @@ def metrics_port() -> int | None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_stage(ServeConfig, main, argv, prog="slimray serve")
+    run_cli(ServeConfig, main, argv, prog="slimray serve")
 
 
 if __name__ == "__main__":

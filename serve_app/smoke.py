@@ -24,28 +24,19 @@ log = logging.getLogger("slimray.serve")
 
 
 @contextlib.contextmanager
-def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1",
-                keep_running: bool = False) -> Iterator[str]:
-    """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` on the connected cluster; yields its URL.
-
-    The caller must have connected to Ray (``cluster.ray_env.connect``). Serve is shut down on exit unless
-    ``keep_running`` (the caller then blocks until it wants to stop, and shuts Serve down itself).
-    """
+def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1") -> Iterator[str]:
+    """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` (``serve_app.run.deploy``); yields its
+    URL, and shuts Serve down on exit."""
     from ray import serve
 
-    from serve_app.app import AppArgs, compose_app
-    from serve_app.run import SERVE_CONFIG, app_from_serve_config
+    from serve_app.app import AppArgs
+    from serve_app.run import deploy
 
-    entry, options = app_from_serve_config(SERVE_CONFIG)
-    app = compose_app(AppArgs(model=str(model), data=str(data) if data else None), options)
-    serve.start(http_options={"host": host, "port": port})
+    url = deploy(AppArgs(model=str(model), data=str(data) if data else None), host=host, port=port)
     try:
-        serve.run(app, name=entry.get("name", "slimray"), route_prefix=entry.get("route_prefix", "/"),
-                  blocking=False)
-        yield f"http://{host}:{port}"
+        yield url
     finally:
-        if not keep_running:
-            serve.shutdown()
+        serve.shutdown()
 
 
 def raw_baseline(model_dir: str, texts: Sequence[str], requests: int, batch_requests: int,

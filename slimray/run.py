@@ -20,31 +20,62 @@ import logging
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, Field, ValidationError
 
 from jobs.artifacts import REPO_ROOT, file_sha256, now_iso, read_json, write_json
-from jobs.config import ConfigError, StageConfig, format_validation_error, load_yaml
+from jobs.config import (ConfigError, NameOrPath, StrictModel, as_arguments, format_validation_error, load_yaml,
+                         location_fields, run_cli)
 
 log = logging.getLogger("slimray.run")
 
 PROFILES_DIR = Path(__file__).resolve().parent / "configs"
 SAMPLE = REPO_ROOT / "jobs" / "samples" / "harbor_bank"
 STAGES = ("prepare", "finetune", "compress", "smoke", "report")
-# Paths given by `slimray run` itself (from --data and --out), never by a profile, per section.
-PATH_KEYS = {"prepare": {"source", "out"}, "finetune": {"data", "out"}, "compress": {"model", "data", "out"}}
+
+def stage_classes() -> dict[str, type[BaseModel]]:
+    """The batch stages `slimray run` runs, with their config classes."""
+    from jobs.finetune import FinetuneConfig
+    from jobs.prepare import PrepareConfig
+    from tuning.compress import CompressConfig
+
+    return {"prepare": PrepareConfig, "finetune": FinetuneConfig, "compress": CompressConfig}
 
 
-class SmokeOptions(StageConfig):
+def run_paths(config_cls: type[BaseModel]) -> set[str]:
+    """Fields that `slimray run` itself sets (from --data and --out), never a profile: the stage's locations
+    (Path/Location fields), and prepare's source, which --data gives."""
+    return {name for name, always in location_fields(config_cls).items() if always} | (
+        {"source"} if "source" in config_cls.model_fields else set())
+
+
+class SmokeOptions(StrictModel):
     """The smoke test of the served graph."""
 
     requests: int = Field(default=30, ge=1, description="Single messages sent to /v1/assist, one at a time")
     batch_requests: int = Field(default=5, ge=1, description="Requests of 32 texts sent to /v1/classify")
 
 
-class Profile(StageConfig):
+class RunConfig(StrictModel):
+    """Run the whole pipeline: prepare -> fine-tune (DeepSpeed ZeRO) -> compression search -> serving smoke
+    test -> report.md with figures."""
+
+    data: NameOrPath | None = Field(default=None, description="Labelled text: anything `slimray prepare` reads "
+                                    "(file, folder of splits, dataset id). Default: the built-in Harbor Lane "
+                                    "Bank sample, offline")
+    profile: str = Field(default="quick", description="quick (every stage, small: about 5 min on 2 cores), full "
+                         "(the benchmark configuration), or a profile YAML path")
+    out: Path | None = Field(default=None, description="Run folder (default: runs/<data name>-<profile>). Running "
+                             "again into the same folder skips the completed stages")
+    serve: bool = Field(default=False, description="Keep the assistant up at the end; prints a curl command")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the smoke test and of --serve")
+    fresh: bool = Field(default=False, description="Run every stage again, even those complete for these inputs")
+
+
+class Profile(StrictModel):
     """What ``slimray run`` runs: each stage's options, without paths (those come from --data and --out)."""
 
     prepare: dict[str, Any] = Field(default_factory=dict, description="PrepareConfig options")
@@ -65,8 +96,8 @@ def load_profile(name_or_path: str) -> tuple[Profile, Path]:
         profile = Profile.model_validate(load_yaml(path))
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, f"profile ({path})")) from None
-    for section in ("prepare", "finetune", "compress"):
-        clash = PATH_KEYS[section] & set(getattr(profile, section))
+    for section, config_cls in stage_classes().items():
+        clash = run_paths(config_cls) & set(getattr(profile, section))
         if clash:
             raise ConfigError(f"profile ({path}) {section}: {sorted(clash)} are set by `slimray run` "
                               "(--data, --out); remove them from the profile")
@@ -75,20 +106,15 @@ def load_profile(name_or_path: str) -> tuple[Profile, Path]:
 
 def stage_configs(profile: Profile, source: str, out: Path, where: Path) -> dict[str, BaseModel]:
     """The three batch stages' configs, validated; paths under ``out``."""
-    from jobs.finetune import FinetuneConfig
-    from jobs.prepare import PrepareConfig
-    from tuning.compress import CompressConfig
-
-    wanted = {
-        "prepare": (PrepareConfig, {**profile.prepare, "source": source, "out": out / "data"}),
-        "finetune": (FinetuneConfig, {**profile.finetune, "data": out / "data", "out": out / "ft"}),
-        "compress": (CompressConfig, {**profile.compress, "model": out / "ft", "data": out / "data",
-                                      "out": out / "compress"}),
+    paths = {
+        "prepare": {"source": source, "out": out / "data"},
+        "finetune": {"data": out / "data", "out": out / "ft"},
+        "compress": {"model": out / "ft", "data": out / "data", "out": out / "compress"},
     }
     configs = {}
-    for name, (cls, values) in wanted.items():
+    for name, cls in stage_classes().items():
         try:
-            configs[name] = cls.model_validate({**values, "overwrite": True})
+            configs[name] = cls.model_validate({**getattr(profile, name), **paths[name], "overwrite": True})
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, f"profile ({where}) section {name!r}")) from None
     return configs
@@ -111,7 +137,7 @@ def source_fingerprint(source: str) -> dict[str, str]:
 
 def options(cfgs: dict[str, BaseModel], stage: str) -> dict[str, Any]:
     """A stage config without its paths and run controls: what decides the output, besides the inputs."""
-    return cfgs[stage].model_dump(mode="json", exclude=PATH_KEYS[stage] | {"overwrite", "resume"})
+    return cfgs[stage].model_dump(mode="json", exclude=run_paths(type(cfgs[stage])) | {"overwrite", "resume"})
 
 
 class RunState:
@@ -135,7 +161,7 @@ class RunState:
         return self.stages.get(stage, {}).get("fingerprint") == fingerprint
 
 
-def run_stage_once(state: RunState, number: int, stage: str, title: str, fingerprint: str, marker: Path,
+def run_or_skip(state: RunState, number: int, stage: str, title: str, fingerprint: str, marker: Path,
                    work: Callable[[bool], Any]) -> None:
     """Runs ``work(resume)`` unless the stage is complete for these inputs; records the outcome.
 
@@ -167,116 +193,150 @@ def default_out(source: str, profile_path: Path) -> Path:
     return Path("runs") / f"{name}-{profile_path.stem.removeprefix('run_')}"
 
 
-def main(data: str | None = None, profile_name: str = "quick", out: Path | None = None, serve: bool = False,
-         port: int = 8000, fresh: bool = False) -> Path:
-    """Runs (or resumes) the pipeline; returns the report's path."""
-    import shutil
+@dataclass
+class Run:
+    """One `slimray run`: its resolved inputs, the stage configs and the state file, shared by its steps."""
 
-    from cluster.ray_env import connect
-    from jobs.finetune import main as finetune
-    from jobs.prepare import main as prepare
+    cfg: RunConfig
+    source: str
+    profile: Profile
+    out: Path
+    stages: dict[str, BaseModel]  # prepare / finetune / compress configs, paths under out
+    state: RunState
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def chosen(self) -> Path:
+        return self.out / "compress" / "chosen"
+
+
+def start(cfg: RunConfig) -> Run:
+    """Resolves the source, profile and output folder; records the command in run.json."""
     from serve_app.run import apply_serve_env
-    from tuning.compress import main as compress
 
-    source = data or str(SAMPLE)
-    if not data:
+    source = cfg.data or str(SAMPLE)
+    if not cfg.data:
         print(f"no --data: using the built-in sample {SAMPLE.relative_to(REPO_ROOT)} (Harbor Lane Bank, offline)")
-    profile, profile_path = load_profile(profile_name)
-    out = (out or default_out(source, profile_path)).expanduser().resolve()
-    cfgs = stage_configs(profile, source, out, profile_path)
+    profile, profile_path = load_profile(cfg.profile)
+    out = (cfg.out or default_out(source, profile_path)).expanduser().resolve()
+    stages = stage_configs(profile, source, out, profile_path)
     out.mkdir(parents=True, exist_ok=True)
-    if fresh:
+    if cfg.fresh:
         (out / "run_state.json").unlink(missing_ok=True)
-    state = RunState(out)
-    write_json(out / "run.json", {"command": command_line(data, profile_name, out, serve, port),
-                                  "source": source, "profile": str(profile_path),
+    command = shlex.join(["slimray", "run", *as_arguments(
+        RunConfig, {**cfg.model_dump(mode="json", exclude_unset=True), "out": str(out)})])
+    write_json(out / "run.json", {"command": command, "source": source, "profile": str(profile_path),
                                   "profile_values": profile.model_dump(mode="json")})
     apply_serve_env()  # read when Ray starts: the cluster the fine-tune starts also serves the smoke test
     print(f"slimray run: {source} with profile {profile_path.stem.removeprefix('run_')!r} → {out}", flush=True)
+    return Run(cfg, source, profile, out, stages, RunState(out))
 
-    data_dir, ft_dir, comp_dir = out / "data", out / "ft", out / "compress"
-    fp_prepare = sha256_json({"options": options(cfgs, "prepare"), "source": source_fingerprint(source)})
-    run_stage_once(state, 1, "prepare", "clean, de-duplicate, label-map and split", fp_prepare,
-                   data_dir / "manifest.json", lambda resume: prepare(cfgs["prepare"]))
 
-    fp_finetune = sha256_json({"options": options(cfgs, "finetune"), "data": file_sha256(data_dir / "manifest.json")})
-    ft_cfg = cfgs["finetune"]
-    run_stage_once(state, 2, "finetune",
-                   f"Ray Train, {ft_cfg.workers} workers, DeepSpeed ZeRO-{ft_cfg.zero_stage}", fp_finetune,
-                   ft_dir / "manifest.json",
-                   lambda resume: finetune(ft_cfg.model_copy(update={"resume": resume})))
+def run_prepare(run: Run) -> None:
+    from jobs.prepare import main as prepare
 
-    fp_compress = sha256_json({"options": options(cfgs, "compress"), "model": file_sha256(ft_dir / "manifest.json"),
-                               "data": file_sha256(data_dir / "manifest.json")})
+    fingerprint = sha256_json({"options": options(run.stages, "prepare"), "source": source_fingerprint(run.source)})
+    run_or_skip(run.state, 1, "prepare", "clean, de-duplicate, label-map and split", fingerprint,
+                run.data_dir / "manifest.json", lambda resume: prepare(run.stages["prepare"]))
+
+
+def run_finetune(run: Run) -> None:
+    from jobs.finetune import main as finetune
+
+    cfg = run.stages["finetune"]
+    fingerprint = sha256_json({"options": options(run.stages, "finetune"),
+                               "data": file_sha256(run.data_dir / "manifest.json")})
+    run_or_skip(run.state, 2, "finetune", f"Ray Train, {cfg.workers} workers, DeepSpeed ZeRO-{cfg.zero_stage}",
+                fingerprint, run.out / "ft" / "manifest.json",
+                lambda resume: finetune(cfg.model_copy(update={"resume": resume})))
+
+
+def run_compress(run: Run) -> None:
+    import shutil
+
+    from tuning.compress import main as compress
+
+    cfg = run.stages["compress"]
+    fingerprint = sha256_json({"options": options(run.stages, "compress"),
+                               "model": file_sha256(run.out / "ft" / "manifest.json"),
+                               "data": file_sha256(run.data_dir / "manifest.json")})
 
     def search(resume: bool) -> None:
-        if not resume and comp_dir.exists():
-            shutil.rmtree(comp_dir)  # a search of other inputs must not be resumed
-        compress(cfgs["compress"].model_copy(update={"resume": resume}))
+        if not resume and cfg.out.exists():
+            shutil.rmtree(cfg.out)  # a search of other inputs must not be resumed
+        compress(cfg.model_copy(update={"resume": resume}))
 
-    run_stage_once(state, 3, "compress", f"Ray Tune search of {cfgs['compress'].trials} compressions, then the "
-                   "choice on the Pareto front", fp_compress, comp_dir / "chosen" / "manifest.json", search)
+    run_or_skip(run.state, 3, "compress", f"Ray Tune search of {cfg.trials} compressions, then the choice on "
+                "the Pareto front", fingerprint, run.chosen / "manifest.json", search)
 
-    chosen = comp_dir / "chosen"
-    fp_smoke = sha256_json({"options": profile.smoke.model_dump(), "model": file_sha256(chosen / "manifest.json")})
-    smoke_path = out / "smoke.json"
+
+def run_smoke(run: Run) -> None:
+    smoke_path = run.out / "smoke.json"
+    fingerprint = sha256_json({"options": run.profile.smoke.model_dump(),
+                               "model": file_sha256(run.chosen / "manifest.json")})
 
     def smoke(resume: bool) -> None:
         from serve_app.smoke import raw_baseline, serve_model, smoke_test
 
-        connect()
-        texts, labels = read_test_split(data_dir)
-        n, batches = profile.smoke.requests, profile.smoke.batch_requests
-        with serve_model(str(chosen), str(data_dir), port=port) as url:
+        texts, labels = read_test_split(run.data_dir)
+        n, batches = run.profile.smoke.requests, run.profile.smoke.batch_requests
+        with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port) as url:
             result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
         # The same texts through the same model in this process, right after: what serving adds.
-        result.update(raw_baseline(str(chosen), texts, requests=n, batch_requests=batches))
+        result.update(raw_baseline(str(run.chosen), texts, requests=n, batch_requests=batches))
         write_json(smoke_path, result)
 
-    run_stage_once(state, 4, "smoke", "deploy the Serve graph and send real requests", fp_smoke, smoke_path, smoke)
+    run_or_skip(run.state, 4, "smoke", "deploy the Serve graph and send real requests", fingerprint, smoke_path,
+                smoke)
 
+
+def run_report(run: Run) -> Path:
+    """The report is a view of the artifacts: always rewritten (seconds), so it shows what is on disk."""
     from slimray.report import print_summary, write_report
 
-    # The report is a view of the artifacts above: always rewritten (seconds), so it shows what is on disk.
     print(f"[5/{len(STAGES)}] report: report.md and figures", flush=True)
-    write_report(out, state.stages)
-    print_summary(read_json(chosen / "metrics.json"))
-    print(f"\nReport: {out / 'report.md'}")
-    if serve:
-        keep_serving(chosen, data_dir, port)
-    return out / "report.md"
+    write_report(run.out, run.state.stages)
+    print_summary(read_json(run.chosen / "metrics.json"))
+    print(f"\nReport: {run.out / 'report.md'}")
+    return run.out / "report.md"
 
 
-def command_line(data: str | None, profile: str, out: Path, serve: bool, port: int) -> str:
-    parts = ["slimray run"] + ([f"--data {data}"] if data else []) + [f"--profile {profile}", f"--out {out}"]
-    return " ".join(parts + (["--serve"] if serve else []) + ([f"--port {port}"] if port != 8000 else []))
+def main(cfg: RunConfig) -> Path:
+    """Runs (or resumes) the pipeline; returns the report's path."""
+    run = start(cfg)
+    run_prepare(run)
+    run_finetune(run)
+    run_compress(run)
+    run_smoke(run)
+    report = run_report(run)
+    if cfg.serve:
+        keep_serving(run.chosen, run.data_dir, cfg.port)
+    return report
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(RunConfig, main, argv, prog="slimray run")
 
 
 def read_test_split(data_dir: Path) -> tuple[list[str], list[str]]:
-    import pyarrow.parquet as pq
+    from jobs.prepare import read_split
 
-    table = pq.read_table(data_dir / "test.parquet", columns=["text", "label"])
-    return table.column("text").to_pylist(), table.column("label").to_pylist()
+    test = read_split(data_dir, "test")
+    return test["text"], test["label"]
 
 
 def keep_serving(chosen: Path, data_dir: Path, port: int) -> None:
     """Serves the chosen model until Ctrl-C, after printing a ready curl command."""
-    from ray import serve
+    from serve_app.app import AppArgs
+    from serve_app.run import deploy, serving_until_interrupted
 
-    from cluster.ray_env import connect
-    from serve_app.smoke import serve_model
-
-    connect()
     texts, _ = read_test_split(data_dir)
-    with serve_model(str(chosen), str(data_dir), port=port, keep_running=True) as url:
+    with serving_until_interrupted():
+        url = deploy(AppArgs(model=str(chosen), data=str(data_dir)), port=port)
         body = shlex.quote(json.dumps({"message": texts[0]}))
         print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n"
               f"  curl -s -X POST {url}/v1/assist -H 'content-type: application/json' -d {body}\n"
               "Ctrl-C stops it.", flush=True)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()

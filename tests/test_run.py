@@ -13,7 +13,7 @@ import yaml
 
 from jobs.config import ConfigError
 from slimray.report import SUMMARY_COLUMNS
-from slimray.run import RunState, load_profile, run_stage_once, stage_configs
+from slimray.run import RunState, load_profile, run_or_skip, stage_configs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,13 +48,13 @@ def test_a_stage_runs_once_per_inputs_and_resumes_after_an_interruption(tmp_path
         marker.write_text(json.dumps({"n": len(calls)}))
 
     state = RunState(tmp_path)
-    run_stage_once(state, 1, "prepare", "t", "fp-1", marker, work)
-    run_stage_once(RunState(tmp_path), 1, "prepare", "t", "fp-1", marker, work)  # same inputs: skipped
+    run_or_skip(state, 1, "prepare", "t", "fp-1", marker, work)
+    run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-1", marker, work)  # same inputs: skipped
     assert calls == [False] and "skipped" in capsys.readouterr().out
-    run_stage_once(RunState(tmp_path), 1, "prepare", "t", "fp-2", marker, work)  # new inputs: runs afresh
+    run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-2", marker, work)  # new inputs: runs afresh
     assert calls == [False, False]
     marker.write_text("changed by hand")  # output no longer what was recorded: runs again
-    run_stage_once(RunState(tmp_path), 1, "prepare", "t", "fp-2", marker, work)
+    run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-2", marker, work)
     assert len(calls) == 3
 
     def interrupted(resume):
@@ -62,8 +62,8 @@ def test_a_stage_runs_once_per_inputs_and_resumes_after_an_interruption(tmp_path
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage_once(RunState(tmp_path), 1, "prepare", "t", "fp-3", marker, interrupted)
-    run_stage_once(RunState(tmp_path), 1, "prepare", "t", "fp-3", marker, work)  # same inputs: resumes
+        run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-3", marker, interrupted)
+    run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-3", marker, work)  # same inputs: resumes
     assert calls[-2:] == [False, True]
     assert RunState(tmp_path).stages["prepare"]["status"] == "done"
 

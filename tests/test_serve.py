@@ -4,8 +4,11 @@ validation, auth, metrics, fuzzing, no texts in logs)."""
 
 import asyncio
 import json
+import os
 import shutil
-import threading
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,8 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from pydantic import SecretStr
+
+from raycluster import free_port  # tests/raycluster.py
 
 from jobs.calibration import calibrate_handoff, choose_threshold, read_calibration, write_calibration
+from jobs.config import ConfigError
 from jobs.errors import InputError
 from serve_app.api import Classification, Limits, make_api
 from serve_app.app import CANARY, INGRESS, MODEL, AppArgs, BatchKnobs, RoutingKnobs
@@ -337,72 +344,150 @@ def test_serve_stage_flags_and_cli_registration(tmp_path):
     assert entry["name"] == "slimray"
 
 
+def test_deploy_hands_serve_the_yaml_untouched_when_nothing_is_overridden():
+    from serve_app.run import app_from_serve_config, serve_schema
+
+    entry, yaml_options = app_from_serve_config(SERVE_CONFIG)
+    schema = serve_schema(AppArgs(model="/m/ft"), port=8123)
+    (app,) = schema.applications
+    assert (app.name, app.route_prefix, app.import_path) == (entry["name"], entry["route_prefix"], entry["import_path"])
+    assert app.args == {"model": "/m/ft"}  # the YAML's args name paths on a cluster: replaced, not merged
+    assert {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments} == yaml_options
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8123)
+
+
+def test_deploy_overrides_win_over_the_yaml_and_the_token_stays_out_of_it():
+    from serve_app.run import app_from_serve_config, serve_schema
+
+    _, yaml_options = app_from_serve_config(SERVE_CONFIG)
+    args = AppArgs.model_validate({"model": "/m/ft", "canary_model": "/m/int8", "threads": 2, "api_token": "tok-123",
+                                   "routing": {"canary_fraction": 0.2}})
+    schema = serve_schema(args, host="0.0.0.0", port=8124,
+                          deployments={MODEL: {"num_replicas": 2, "autoscaling_config": None}})
+    (app,) = schema.applications
+    assert app.args == {"model": "/m/ft", "canary_model": "/m/int8", "threads": 2, "routing": {"canary_fraction": 0.2}}
+    assert "tok-123" not in schema.model_dump_json()  # Serve logs an app's args
+    AppArgs.model_validate(app.args)  # what build_app gets on the cluster
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
+    # a knob set by a flag wins key by key; the YAML's other knobs stay
+    assert options[INGRESS] == {**yaml_options[INGRESS], "user_config": {**yaml_options[INGRESS]["user_config"],
+                                                                         "canary_fraction": 0.2}}
+    assert options[MODEL] == {**{k: v for k, v in yaml_options[MODEL].items() if k != "autoscaling_config"},
+                              "num_replicas": 2}
+    assert options[CANARY] == yaml_options[MODEL]  # a canary without an entry of its own: the Model's options
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8124)
+
+
+def test_deployment_options_live_in_the_yaml_not_in_the_decorators():
+    from ray.serve.deployment import deployment_to_schema
+
+    from serve_app.app import Ingress, ModelServer
+
+    for deployment in (Ingress, ModelServer):
+        assert deployment_to_schema(deployment).model_dump(exclude_unset=True).keys() == {"name"}, deployment.name
+
+
+def test_resolve_paths_names_missing_folders_and_clashing_versions(tmp_path, monkeypatch):
+    from serve_app.app import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("ft", "other/ft"):
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(InputError, match="primary model folder 'nope' does not exist"):
+        resolve_paths(AppArgs(model="nope"))
+    with pytest.raises(InputError, match="canary model folder 'nope' does not exist"):
+        resolve_paths(AppArgs(model="ft", canary_model="nope"))
+    with pytest.raises(InputError, match="both called 'ft'"):
+        resolve_paths(AppArgs(model="ft", canary_model="other/ft"))
+    args = resolve_paths(AppArgs(model="ft", canary_model="other/ft", canary_version="v2", data="data",
+                                 playbook="p.yaml"))
+    assert (args.model, args.canary_model) == (str(tmp_path / "ft"), str(tmp_path / "other" / "ft"))
+    assert (args.data, args.playbook) == (str(tmp_path / "data"), str(tmp_path / "p.yaml"))
+    assert resolve_paths(AppArgs(model="ft", data="s3://bucket/data")).data == "s3://bucket/data"
+
+
+def test_an_api_token_argument_travels_only_in_the_environment_of_a_cluster_started_here(monkeypatch):
+    from serve_app.run import TOKEN_ENV, _hand_token_to_cluster
+
+    monkeypatch.setenv(TOKEN_ENV, "")
+    monkeypatch.setenv("SLIMRAY_RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ConfigError, match=f"set {TOKEN_ENV} in its environment"):
+        _hand_token_to_cluster(SecretStr("tok-123"))
+    monkeypatch.delenv("SLIMRAY_RAY_ADDRESS")
+    _hand_token_to_cluster(SecretStr("tok-123"))
+    assert os.environ[TOKEN_ENV] == "tok-123"
+
+
 # --- the real Serve graph (integration) ---------------------------------------------------------------------
 
-PORT = 8000
-CLI_PORT = 8011
-
-
-def _get_ready(url: str, runner: threading.Thread, timeout_s: float = 120) -> None:
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Waits (bounded) until the server process writes ``text`` to its log; fails at once if it exits."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and runner.is_alive():
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while time.monotonic() < deadline and proc.poll() is None:
+        if text in log.read_text(errors="replace"):
+            return
         time.sleep(0.5)
-    raise TimeoutError(url)
+    raise TimeoutError(f"{text!r} not logged (server exit status {proc.poll()}):\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.integration
-def test_slimray_serve_runs_the_yaml_app_on_the_embedded_cluster(ray_session, finetuned, sample_data):
-    """`slimray serve` end to end (in-process, on the session's cluster), with a bearer token; runs before the
-    graph fixture below starts, since it shuts Serve down when it stops."""
-    from serve_app.run import ServeConfig, main
-
-    cfg = ServeConfig(model=str(finetuned), data=str(sample_data), port=CLI_PORT, run_for_s=10,
-                      api_token="s3cret-token")
-    runner = threading.Thread(target=main, args=(cfg,), daemon=True)
-    runner.start()
-    url = f"http://127.0.0.1:{CLI_PORT}"
-    _get_ready(url + "/healthz", runner)
-    assert httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, timeout=30).status_code == 401
-    assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
-    auth = {"Authorization": "Bearer s3cret-token"}
-    r = httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, headers=auth, timeout=30)
-    assert r.status_code == 200 and r.json()["model_version"] == Path(finetuned).name
-    models = httpx.get(url + "/v1/models", headers=auth, timeout=30).json()
-    (version,) = models["versions"]
-    assert version["calibration"]["source"].startswith("computed") and version["calibration"]["split"] == "validation"
-    assert version["batching"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}  # the YAML's user_config
-    runner.join(timeout=60)
-    assert not runner.is_alive()
+def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetuned, sample_data, tmp_path):
+    """`slimray serve` end to end, as a user runs it: its own embedded cluster, a bearer token given as a flag,
+    the deployment options of the repo's YAML; Ctrl-C (SIGINT) shuts it down cleanly."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's cluster
+    cmd = [str(Path(sys.executable).parent / "slimray"), "serve", "--model", str(finetuned), "--data",
+           str(sample_data), "--port", str(port), "--api-token", "s3cret-token"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_line(log, f"at {url} (API docs", proc)  # logged once deploy() has the app running
+        assert httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, timeout=30).status_code == 401
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        auth = {"Authorization": "Bearer s3cret-token"}
+        r = httpx.post(url + "/v1/assist", json={"message": "I lost my card"}, headers=auth, timeout=30)
+        assert r.status_code == 200 and r.json()["model_version"] == Path(finetuned).name
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=30).json()
+        (version,) = models["versions"]
+        assert version["calibration"]["source"].startswith("computed")
+        assert version["calibration"]["split"] == "validation"
+        assert version["batching"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}  # the YAML's user_config
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "s3cret-token" not in log.read_text()
 
 
 @pytest.fixture(scope="module")
-def graph(ray_session, finetuned, sample_data, tmp_path_factory):
-    """The graph with two versions: v1 (the fine-tuned model, calibrated at start-up on the sample's
-    validation split) and v2 (a copy whose stored calibration never hands off for low confidence)."""
-    from types import SimpleNamespace
-
+def graph_app(ray_session, finetuned, sample_data, tmp_path_factory):
+    """The arguments of the graph with two versions: v1 (the fine-tuned model, calibrated at start-up on the
+    sample's validation split) and v2 (a copy whose stored calibration never hands off for low confidence);
+    Serve is shut down after the module."""
     from ray import serve
-
-    from serve_app.app import compose_app
 
     canary = tmp_path_factory.mktemp("canary") / "model"
     shutil.copytree(finetuned, canary)
     write_calibration(canary, {"threshold": 0.0, "source_note": "test version: confident about everything"})
-    base = {"model": str(finetuned), "version": "v1", "canary_model": str(canary), "canary_version": "v2",
+    args = {"model": str(finetuned), "version": "v1", "canary_model": str(canary), "canary_version": "v2",
             "data": str(sample_data), "max_texts": 8, "max_chars": 200, "routing": {"canary_fraction": 0.25}}
-
-    def deploy(**changes):
-        serve.run(compose_app(AppArgs.model_validate({**base, **changes}), {}), name="slimray", route_prefix="/")
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    deploy()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{PORT}", deploy=deploy)
+    yield AppArgs.model_validate(args), free_port()
     serve.shutdown()
+
+
+@pytest.fixture
+def graph(graph_app):
+    """The graph, deployed by `serve_app.run.deploy` (the YAML's deployment options) before every test, so that
+    no test depends on what an earlier one left: Serve leaves an unchanged config as it is."""
+    from types import SimpleNamespace
+
+    from serve_app.run import deploy
+
+    args, port = graph_app
+    return SimpleNamespace(url=deploy(args, port=port), port=port)
 
 
 def _sample_messages(n: int) -> list[str]:
@@ -532,27 +617,53 @@ def test_graph_exports_metrics_and_never_logs_request_texts(graph):
     expected += ["slimray_handoffs"] if any(a.json()["handoff"] for a in answers) else []
     assert httpx.post(graph.url + "/v1/classify", json={"texts": [secret]}, timeout=30).status_code == 200
     url = f"http://127.0.0.1:{metrics_port()}/metrics"
+    # The versions that answered: series of an app deployed earlier (other tests) may still be exported.
+    labels = {f'model_version="{a.json()["model_version"]}"' for a in answers}
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:  # replicas push metrics to the node's agent every few seconds
         text = httpx.get(url, timeout=10).text
-        if all(name in text for name in expected):
+        if all(name in text for name in expected) and all(label in text for label in labels):
             break
         time.sleep(2)
     assert [name for name in expected if name not in text] == []
-    assert 'model_version="v' in text
-    time.sleep(2)  # let log writers flush
+    assert 'model_version="v' in text and [label for label in labels if label not in text] == []
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    _wait_until_every_replica_logged_a_later_request(graph.url, logs)
     leaked = [p for p in logs.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def _wait_until_every_replica_logged_a_later_request(url: str, logs: Path, timeout_s: float = 120) -> None:
+    """Sends marked requests until the proxy and every live replica of the app have logged one (Serve puts the
+    x-request-id in each access-log line, replicas down the handle chain included): whatever each of them
+    logged for the earlier requests is then in its file."""
+    from ray.util.state import list_actors
+
+    marker = f"marker-{uuid.uuid4().hex}"
+    deadline, missing = time.monotonic() + timeout_s, None
+    for i in range(1000):
+        r = httpx.post(url + "/v1/classify", json={"texts": ["hello"]}, headers={"x-request-id": f"{marker}-{i}"},
+                       timeout=30)
+        assert r.status_code == 200
+        alive = {a.name.rsplit("#", 1)[-1] for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                 if (a.name or "").startswith("SERVE_REPLICA::slimray#")}
+        marked = [p.name for p in (logs / "serve").glob("*.log") if marker.encode() in p.read_bytes()]
+        missing = [rid for rid in alive if not any(rid in name for name in marked)]
+        missing += [] if any(name.startswith("proxy") for name in marked) else ["proxy"]
+        if alive and not missing:
+            return
+        if time.monotonic() > deadline:
+            break
+    raise TimeoutError(f"no marked request in the logs of {missing}")
 
 
 @pytest.mark.integration
 def test_serve_deploy_of_the_repo_yaml_then_live_knobs_without_restart(graph, finetuned, sample_data, tmp_path):
     """The repo's Serve YAML (model paths swapped for the test model's) deploys with `serve deploy`; a second
-    deploy that changes only user_config reconfigures the running replicas in place. Last: it replaces the
-    graph fixture's app."""
+    deploy that changes only user_config reconfigures the running replicas in place. It replaces the graph
+    fixture's app, which the fixture deploys again for the next test."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": PORT}  # Serve already runs here; keep it as is
+    config["http_options"] = {"host": "127.0.0.1", "port": graph.port}  # Serve already runs here; keep it as is
     (app,) = config["applications"]
     app["args"].update(model=str(finetuned), data=str(sample_data), version="yaml-v1")
     _serve_deploy(config, tmp_path / "serve.yaml")
