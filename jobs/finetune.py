@@ -729,6 +729,11 @@ def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConf
 
 def main(cfg: FinetuneConfig) -> Path | str:
     """Checks the inputs, runs (or resumes) the Ray Train run, and writes the model folder at ``cfg.out``."""
+    # torch (through Ray Train's torch integration) is imported before Ray connects. Imported after
+    # connecting, the driver of a Ray job on the 2-node test cluster (tests/test_cluster.py) died with
+    # "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"; the cause inside oneMKL was not found.
+    from ray.train.torch import TorchTrainer  # noqa: F401
+
     from cluster.ray_env import connect
 
     started = time.time()
