@@ -122,7 +122,7 @@ def as_arguments(model_cls: type[BaseModel], values: dict[str, Any]) -> list[str
         annotation = model_cls.model_fields[key].annotation
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, str) and takes_text(annotation) or isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)) or isinstance(value, str) and takes_text(annotation):
             args += [flag, str(value)]
         else:
             args += ["--set", f"{key}={json.dumps(value)}"]
@@ -130,6 +130,7 @@ def as_arguments(model_cls: type[BaseModel], values: dict[str, Any]) -> list[str
 
 
 def validate(model_cls: type[C], data: dict[str, Any], source: str | None = None) -> C:
+    """``model_cls`` from ``data``, or a ConfigError with one line per problem (prefixed by ``source``)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -243,7 +244,6 @@ class CommandLine(Generic[C]):
     config: C
     # field → how it was given: "--out", "--set out", or "out in --config FILE:" (for error messages)
     sources: dict[str, str] = field(default_factory=dict)
-    file: Path | None = None
 
 
 def parse_command_line(model_cls: type[C], argv: list[str] | None, prog: str, config_flags: bool = True) -> CommandLine[C]:
@@ -266,7 +266,7 @@ def parse_command_line(model_cls: type[C], argv: list[str] | None, prog: str, co
         field_info = model_cls.model_fields.get(key)
         set_dotted(data, dotted, text=field_info is not None and takes_text(field_info.annotation))
         sources[key.split(".")[0]] = f"--set {key}"
-    return CommandLine(validate(model_cls, data, str(file) if file else None), sources, file)
+    return CommandLine(validate(model_cls, data, str(file) if file else None), sources)
 
 
 def parse_args(model_cls: type[C], argv: list[str] | None, prog: str) -> C:

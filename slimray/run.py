@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from jobs.artifacts import REPO_ROOT, file_sha256, now_iso, read_json, write_json
-from jobs.config import (ConfigError, NameOrPath, StrictModel, as_arguments, format_validation_error, load_yaml,
-                         location_fields, run_cli)
+from jobs.config import (ConfigError, NameOrPath, StrictModel, as_arguments, load_yaml, location_fields, run_cli,
+                         validate)
 
 log = logging.getLogger("slimray.run")
 
@@ -92,10 +92,7 @@ def load_profile(name_or_path: str) -> tuple[Profile, Path]:
         if not path.is_file():
             known = sorted(p.stem.removeprefix("run_") for p in PROFILES_DIR.glob("run_*.yaml"))
             raise ConfigError(f"unknown profile {name_or_path!r}; choose one of {', '.join(known)} or give a YAML path")
-    try:
-        profile = Profile.model_validate(load_yaml(path))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, f"profile ({path})")) from None
+    profile = validate(Profile, load_yaml(path), f"profile ({path})")
     for section, config_cls in stage_classes().items():
         clash = run_paths(config_cls) & set(getattr(profile, section))
         if clash:
@@ -111,13 +108,9 @@ def stage_configs(profile: Profile, source: str, out: Path, where: Path) -> dict
         "finetune": {"data": out / "data", "out": out / "ft"},
         "compress": {"model": out / "ft", "data": out / "data", "out": out / "compress"},
     }
-    configs = {}
-    for name, cls in stage_classes().items():
-        try:
-            configs[name] = cls.model_validate({**getattr(profile, name), **paths[name], "overwrite": True})
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, f"profile ({where}) section {name!r}")) from None
-    return configs
+    return {name: validate(cls, {**getattr(profile, name), **paths[name], "overwrite": True},
+                           f"profile ({where}) section {name!r}")
+            for name, cls in stage_classes().items()}
 
 
 def sha256_json(value: Any) -> str:
