@@ -45,6 +45,10 @@ from jobs.prepare import load_prepared, read_split
 log = logging.getLogger("slimray.finetune")
 
 PERSISTENCE_THRESHOLD_DEFAULT = 100_000
+SHUFFLE_BUFFER_MAX_ROWS = 200_000  # rows per worker shuffled together each epoch
+# Default epochs: about this many training examples per label in all (BANKING77's 117 texts per label give
+# 9 epochs; the curve that set it is in the README), never fewer than MIN_EPOCHS or more than MAX_EPOCHS.
+LABEL_PRESENTATIONS, MIN_EPOCHS, MAX_EPOCHS = 1000, 3, 20
 
 
 class DeepSpeedOptions(StrictModel):
@@ -82,7 +86,9 @@ class FinetuneConfig(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK", description="How workers are placed on nodes (STRICT_SPREAD: one per node)")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (0 = plain data parallel)")
-    epochs: float = Field(default=3.0, gt=0, description="Passes over the train split")
+    epochs: float | None = Field(default=None, gt=0, description="Passes over the train split (default: from the "
+                                 f"data, enough that each label is seen about {LABEL_PRESENTATIONS:,} times, "
+                                 f"between {MIN_EPOCHS} and {MAX_EPOCHS})")
     max_steps: int | None = Field(default=None, ge=1, description="Smoke knob: stop after this many optimizer "
                                      "steps, or after `epochs` if that comes first")
     batch_size: int = Field(default=32, ge=1, description="Micro-batch per worker (global batch = this x workers)")
@@ -236,6 +242,7 @@ class Plan:
     steps_per_epoch: int  # optimizer steps per pass (drop_last: the same on every rank)
     total_steps: int
     max_length: int  # tokens
+    shard_rows: int  # train rows per rank
 
 
 def init_worker(cfg: FinetuneConfig) -> bool:
@@ -252,6 +259,11 @@ def init_worker(cfg: FinetuneConfig) -> bool:
     return bool(cfg.gpu and cfg.deepspeed.bf16 and torch.cuda.is_bf16_supported())
 
 
+def default_epochs(train_rows: int, labels: int) -> int:
+    """Epochs chosen from the data: each label seen about ``LABEL_PRESENTATIONS`` times over the run."""
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(LABEL_PRESENTATIONS * labels / max(1, train_rows)))))
+
+
 def plan_steps(cfg: FinetuneConfig, info: dict[str, Any]) -> Plan:
     import ray.train
 
@@ -263,7 +275,8 @@ def plan_steps(cfg: FinetuneConfig, info: dict[str, Any]) -> Plan:
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:  # a cap: small data still stops after `epochs`
         total_steps = min(total_steps, cfg.max_steps)
-    return Plan(world, steps_per_epoch, total_steps, cfg.max_length or info["max_length"])
+    return Plan(world, steps_per_epoch, total_steps, cfg.max_length or info["max_length"],
+                math.ceil(info["train_rows"] / world))
 
 
 def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
@@ -452,8 +465,11 @@ def epoch_batches(shard: Any, tokenizer: Any, cfg: FinetuneConfig, plan: Plan, e
         enc["labels"] = torch.tensor(batch["label_id"], dtype=torch.long)
         return {k: v.to(device) for k, v in enc.items()}
 
+    # A full shuffle of the shard every epoch: a buffer of a few batches over a file in label order gives
+    # batches of two or three labels. Text rows are small (100k rows ~ 10 MB), so the cap is rarely reached.
+    buffer = min(max(plan.shard_rows, cfg.batch_size), SHUFFLE_BUFFER_MAX_ROWS)
     return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, collate_fn=collate,
-                                    local_shuffle_buffer_size=max(cfg.batch_size * 8, 256),
+                                    local_shuffle_buffer_size=buffer,
                                     local_shuffle_seed=cfg.seed + epoch, device="cpu")
 
 
@@ -744,6 +760,10 @@ def main(cfg: FinetuneConfig) -> Path | str:
     ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
     storage.check_writable(ray_storage)
     data_dir, info = check_data(cfg)
+    if cfg.epochs is None:
+        cfg = cfg.model_copy(update={"epochs": default_epochs(info["train_rows"], len(info["labels"]))})
+        log.info("epochs: %g, chosen from the data (%d train rows, %d labels)", cfg.epochs, info["train_rows"],
+                 len(info["labels"]))
 
     connect(settings)
     name = run_name(cfg)

@@ -268,6 +268,9 @@ def main(cfg: PrepareConfig) -> Path | str:
         limit_splits(texts, labels, cfg.limit, rng)
     drop_leaks(texts, labels, dropped)
     label_names = label_set(texts, labels, dropped, limited=bool(cfg.limit))
+    # Sources are often sorted by label (BANKING77's train file is): train is written in a seeded random
+    # order, so that any reader that streams it (a shuffle buffer, the first N rows) sees every label.
+    _keep(texts, labels, "train", list(rng.permutation(len(texts["train"]))))
     lengths = token_length_stats(texts["train"], cfg.tokenizer, cfg.length_percentile)
 
     with atomic_dir(cfg.out, cfg.overwrite) as staging:

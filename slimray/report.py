@@ -19,10 +19,11 @@ from tuning.report import SUMMARY_COLUMNS, describe_pipeline, summary_markdown, 
 
 __all__ = ["SUMMARY_COLUMNS", "goals_section", "print_summary", "summary_text", "write_report"]
 
-ALTERNATIVE = [{"method": "quantize", "backend": "onnx-int8"}]  # the one-step alternative: ONNX int8 alone
+# The one-step alternatives: ONNX Runtime int8 alone, of the fused or the plain export (the faster one counts).
+ALTERNATIVES = [[{"method": "quantize", "backend": b}] for b in ("onnx-int8", "onnx-int8-unfused")]
 # The project's goals (issues "Compression" and "Serving"), set against the measured figures in the report.
 GOAL_SPEEDUP_VS_ALTERNATIVE = 2.0  # chosen vs ONNX Runtime int8 alone, at batch 1 ...
-GOAL_SMALLER_VS_ALTERNATIVE = 2.0  # ... and in size, within the accuracy constraint
+GOAL_SMALLER_VS_ALTERNATIVE = 3.0  # ... and in size, within the accuracy constraint
 GOAL_SERVE_OVERHEAD_MS = 3.0  # p50 of a served single message minus the model's own batch-1 latency
 GOAL_SERVE_BATCH_SHARE = 0.8  # served texts/s with 32-text requests over the raw batch-32 forward pass
 STAGE_NAMES = ("prepare", "finetune", "compress", "smoke")
@@ -70,9 +71,9 @@ class RunArtifacts:
 
     @property
     def alternative(self) -> dict[str, Any] | None:
-        """The finished trial that is ONNX int8 alone, if the search built it."""
-        return next((r for r in self.trials["trials"]
-                     if r.get("status") == "finished" and r.get("pipeline") == ALTERNATIVE), None)
+        """The fastest finished trial that is ONNX int8 alone (fused or plain export), if the search built one."""
+        alone = [r for r in self.trials["trials"] if r.get("status") == "finished" and r.get("pipeline") in ALTERNATIVES]
+        return min(alone, key=lambda r: r["latency_ms_b1"], default=None)
 
 
 def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:

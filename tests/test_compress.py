@@ -16,7 +16,7 @@ from jobs.modeling import load_tokenizer
 from jobs.prepare import read_split
 from tuning.compress import (CompressConfig, NoCandidateError, SearchSpace, check_inputs, choose, default_points, main,
                               pareto_front, train_rows)
-from tuning.methods import Candidate, Context, prune, quantize, save_candidate, trim_vocab
+from tuning.methods import Candidate, Context, distill, prune, quantize, save_candidate, trim_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,52 @@ def test_trim_vocab_gives_identical_logits_on_kept_token_text(tiny_classifier, s
     assert trimmed.model.get_input_embeddings().weight.shape[0] == kept
 
 
+# Words the sample's train texts never have: made up, digits, punctuation, accents, other scripts; "☺" and
+# full-width letters are not in MiniLM's vocabulary at all, and a 101-character word is past its 100-character
+# limit, so those are [UNK] with the full vocabulary too.
+UNSEEN_TEXTS = ["zorblax quintessentially flummoxed", "wire 4096.75 eur to acct #88-1234!?", "¿dónde está ñandú",
+                "naïve façade", "ελληνικά и русский текст", "東京 → ∞ ß øre", "☺ ｆｕｌｌ", "x" * 100, "y" * 101]
+
+
+def test_trim_vocab_never_adds_an_unk(tiny_classifier, sample_data):
+    ctx = context(sample_data)
+    base = candidate(tiny_classifier)
+    trimmed = trim_vocab(base, ctx)
+    full, new = base.tokenizer, trimmed.tokenizer
+    dropped = {p for t in UNSEEN_TEXTS for p in full.tokenize(t)} - set(new.get_vocab())
+    assert len(dropped) > 20, dropped  # the texts need pieces trimming removed, so they must split otherwise
+    for text in UNSEEN_TEXTS:
+        want, got = full.tokenize(text), new.tokenize(text)
+        assert want.count("[UNK]") == (text in ("☺ ｆｕｌｌ", "y" * 101)) * len(want), want
+        assert got.count("[UNK]") == want.count("[UNK]"), (text, want, got)
+        assert "".join(p.removeprefix("##") for p in got) == "".join(p.removeprefix("##") for p in want)
+    step = trimmed.steps[-1]
+    assert step["original_tokens"] == 30522 and step["single_char_pieces"] < step["kept_tokens"] < 5000, step
+    assert len(new) == step["kept_tokens"]
+
+
+def test_trim_vocab_keeps_a_byte_level_bpe_tokenizer_working(sample_data):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    ctx = context(sample_data)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(ctx.val_texts + ctx.train_texts, trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=16))
+    trimmed = trim_vocab(Candidate(model.eval(), tok), ctx)
+    assert trimmed.steps[-1]["single_char_pieces"] == 256 < trimmed.steps[-1]["kept_tokens"] < len(tok)
+    texts = ctx.train_texts[:40]  # same pieces, renumbered, so the same logits
+    assert [trimmed.tokenizer.tokenize(t) for t in texts] == [tok.tokenize(t) for t in texts]
+    np.testing.assert_allclose(logits(trimmed.model, trimmed.tokenizer, texts), logits(model, tok, texts), atol=1e-5)
+    for text in UNSEEN_TEXTS:  # byte-level: every byte is a kept piece, so any text still spells out exactly
+        assert trimmed.tokenizer.decode(trimmed.tokenizer(text)["input_ids"]) == text
+
+
 def test_prune_shrinks_weights_and_reloads_through_the_loader(tiny_classifier, sample_data, tmp_path):
     ctx = context(sample_data)
     pruned = prune(candidate(tiny_classifier), ctx, heads=0.5, ffn=0.5, importance="taylor")
@@ -73,18 +119,92 @@ def test_prune_shrinks_weights_and_reloads_through_the_loader(tiny_classifier, s
     assert info["layer_shapes"] == [{"heads": 6, "ffn": 768}, {"heads": 6, "ffn": 768}]
 
 
-@pytest.mark.parametrize("backend", ["torch-int8", "onnx-int8"])
+def test_intermediate_layer_losses_fall_during_a_real_distillation(tiny_classifier, sample_data):
+    ctx = context(sample_data, 256)
+    teacher = candidate(tiny_classifier)
+    ctx.teacher_logits = logits(teacher.model, teacher.tokenizer, ctx.train_texts)
+    student = distill(teacher, ctx, layers=1, epochs=3, lr=3e-4, hidden_weight=1.0, attention_weight=1.0)
+    step = student.steps[-1]
+    assert (step["layers"], step["hidden_weight"], step["attention_weight"]) == ([1], 1.0, 1.0)
+    first, last = step["losses"][0], step["losses"][-1]
+    assert last["hidden"] < 0.95 * first["hidden"], step["losses"]
+    assert last["attention"] < 0.95 * first["attention"], step["losses"]
+    # The relations come from hooks on the q/k/v projections, gone afterwards; the attention implementation
+    # (sdpa) is left as it was, so the saved student runs as fast as any other.
+    for model in (student.model, teacher.model):
+        attn = [layer.attention.self for layer in model.base_model.encoder.layer]
+        assert not any(getattr(a, p)._forward_hooks for a in attn for p in ("query", "key", "value"))
+    assert student.model.config._attn_implementation == teacher.model.config._attn_implementation
+
+
+def test_distillation_learns_from_extra_rows_without_gold_labels(tiny_classifier, sample_data):
+    ctx = context(sample_data, 0)  # no gold rows at all: only teacher-labelled extra texts
+    teacher = candidate(tiny_classifier)
+    classes = ctx.teacher_logits.shape[1]
+    # Extra rows whose "teacher" says the class the real teacher predicts least often on validation.
+    target = np.bincount(logits(teacher.model, teacher.tokenizer, ctx.val_texts).argmax(-1), minlength=classes).argmin()
+    ctx.extra_texts = context(sample_data, 256).train_texts
+    ctx.extra_logits = np.tile(10 * np.eye(classes, dtype=np.float32)[target], (256, 1))
+    student = distill(teacher, ctx, layers=2, epochs=2, lr=1e-3, alpha=0.5)
+    losses = student.steps[-1]["losses"]
+    assert [e["steps"] for e in losses] == [256 // 32] * 2 and losses[-1]["ce"] == 0.0  # no gold label, no CE
+    predicted = logits(student.model, student.tokenizer, ctx.val_texts).argmax(-1)
+    assert (predicted == target).mean() > 0.9, np.bincount(predicted)
+    ctx.extra_logits = ctx.extra_logits[:-1]
+    with pytest.raises(ValueError, match=f"extra_logits \\(255, {classes}\\) for 256 extra texts"):
+        distill(teacher, ctx, layers=1, epochs=1)
+
+
+@pytest.mark.parametrize("backend", ["torch-int8", "onnx-int8", "onnx-int8-unfused"])
 def test_int8_backends_agree_with_fp32_on_argmax(tiny_classifier, sample_data, tmp_path, backend):
     ctx = context(sample_data)
     base = candidate(tiny_classifier)
     save_candidate(quantize(base, ctx, backend=backend), tmp_path / backend, 64)
     q = load_inference_model(tmp_path / backend, threads=1)
-    assert q.backend == {"torch-int8": "torch-int8", "onnx-int8": "onnx"}[backend]
+    assert q.backend == {"torch-int8": "torch-int8"}.get(backend, "onnx")
     texts = ctx.val_texts
     fp32 = logits(base.model, base.tokenizer, texts).argmax(-1)
     agree = (q.logits(texts).argmax(-1) == fp32).mean()
     assert agree >= 0.9, f"{backend} agrees with fp32 on {agree:.0%} of {len(texts)} texts"
     assert (fp32 == ctx.val_labels).mean() > 0.25  # 4x chance: a real classifier, so agreement means something
+
+
+def onnx_argmax(path: Path, tokenizer, texts: list[str]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = []
+    for i in range(0, len(texts), 64):  # batches padded to their longest text, as the loader does
+        enc = tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=64, return_tensors="np")
+        out.append(session.run(["logits"], {x.name: enc[x.name].astype(np.int64) for x in session.get_inputs()})[0])
+    return np.concatenate(out).argmax(-1)
+
+
+def test_the_fused_onnx_graph_agrees_with_the_unfused_one(tiny_classifier, sample_data, tmp_path):
+    from tuning.onnx_export import export_onnx, fuse
+
+    ctx = context(sample_data)
+    texts = {split: read_split(sample_data, split, ("text",))["text"] for split in ("train", "validation", "test")}
+    unseen, every = texts["validation"] + texts["test"], texts["train"] + texts["validation"] + texts["test"]
+    base = candidate(tiny_classifier)
+    pruned = prune(base, ctx, heads=0.5, ffn=0.0, importance="magnitude")  # attention 6 x 32 wide, input 384
+    for name, cand in (("base", base), ("pruned", pruned)):
+        export_onnx(cand.model, cand.tokenizer, tmp_path / f"{name}-plain.onnx")
+        export_onnx(cand.model, cand.tokenizer, tmp_path / f"{name}-eager.onnx", attention="eager")
+        fused = fuse(tmp_path / f"{name}-eager.onnx", tmp_path / f"{name}-fused.onnx", cand.model)
+        assert fused == {"Attention": 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4, "BiasGelu": 2}
+        agree = (onnx_argmax(tmp_path / f"{name}-fused.onnx", cand.tokenizer, unseen)
+                 == onnx_argmax(tmp_path / f"{name}-plain.onnx", cand.tokenizer, unseen)).mean()
+        assert agree >= 0.99, f"{name}: fp32 fused agrees with unfused on {agree:.1%} of {len(unseen)} texts"
+    # The int8 artifacts, through the loader serving uses: each records its graph and quantization.
+    int8 = {}
+    for backend in ("onnx-int8", "onnx-int8-unfused"):
+        save_candidate(quantize(base, ctx, backend=backend), tmp_path / backend, 64)
+        info = json.loads((tmp_path / backend / "slimray_model.json").read_text())
+        assert info["quantization"] == "dynamic int8" and bool(info["fused"]) == (backend == "onnx-int8"), info
+        int8[backend] = load_inference_model(tmp_path / backend, threads=1).logits(every).argmax(-1)
+    agree = (int8["onnx-int8"] == int8["onnx-int8-unfused"]).mean()
+    assert agree >= 0.99, f"int8 fused agrees with int8 unfused on {agree:.1%} of {len(every)} texts"
 
 
 def row(tid, acc, f1, lat, size):
@@ -184,6 +304,11 @@ def test_first_points_stay_inside_a_restricted_space():
     alternative = default_points(SearchSpace(), depth=6)[0]
     assert (alternative["distill_layers"], alternative["prune_heads"], alternative["trim_vocab"],
             alternative["quantize"]) == (0, 0.0, False, "onnx-int8")
+    points = default_points(SearchSpace(), depth=6)
+    assert points[1] == {**alternative, "quantize": "onnx-int8-unfused"}  # both one-step baselines, measured
+    combination = points[2]
+    assert combination["distill_layers"] == 3 and combination["augment"] is True
+    assert combination["hidden_weight"] > 0 and combination["attention_weight"] > 0
 
 
 def measured(tid, acc, lat, size, pipeline, pareto=False):

@@ -156,3 +156,28 @@ def test_evaluate_and_predict_on_the_finetuned_model(finetuned, sample_data, tmp
     assert [r["text"] for r in rows] == src.column("text").to_pylist()  # order kept
     labels = set(json.loads((sample_data / "labels.json").read_text()))
     assert all(r["label"] in labels and 0 < r["score"] <= 1 for r in rows)
+
+
+def test_default_epochs_come_from_the_data():
+    from jobs.finetune import MAX_EPOCHS, MIN_EPOCHS, default_epochs
+
+    assert default_epochs(8997, 77) == 9  # BANKING77: 117 texts per label
+    assert default_epochs(15000, 150) == 10  # 100 texts per label need more passes than 117
+    assert default_epochs(300_000, 10) == MIN_EPOCHS  # plenty of data: a few passes
+    assert default_epochs(200, 50) == MAX_EPOCHS  # 4 texts per label: capped
+    assert default_epochs(0, 5) == MAX_EPOCHS  # never divides by zero
+
+
+def test_prepare_writes_train_in_a_seeded_order_that_mixes_labels(tmp_path):
+    from jobs.prepare import PrepareConfig, main, read_split
+
+    rows = [f"text number {i} about {lab}" for lab in ("a", "b", "c", "d") for i in range(30)]
+    src = tmp_path / "sorted.csv"
+    src.write_text("text,label\n" + "".join(f"{t},{t.split()[-1]}\n" for t in rows), encoding="utf-8")
+    labels = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{len(labels)}"
+        main(PrepareConfig(source=str(src), out=out, seed=seed, tokenizer="minilm"))
+        labels.append(read_split(out, "train", ("text", "label"))["label"])
+    assert labels[0] == labels[1] != labels[2]
+    assert len(set(labels[0][:12])) >= 3  # the first rows already hold most labels, not one

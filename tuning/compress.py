@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -50,12 +51,20 @@ class SearchSpace(StrictModel):
     temperature: tuple[float, float] = Field(default=(1.0, 6.0), description="KD temperature range")
     alpha: tuple[float, float] = Field(default=(0.3, 0.9), description="Weight of the KD term (rest: cross-entropy)")
     lr: tuple[float, float] = Field(default=(5e-5, 5e-4), description="Distillation learning-rate range (log)")
+    hidden_weight: list[float] = Field(default=[0.0, 1.0, 3.0], description="Weights of the hidden-state loss "
+                                       "(student layer -> mapped teacher layer, MSE); 0 = logits only")
+    attention_weight: list[float] = Field(default=[0.0, 1.0], description="Weights of the attention-relation "
+                                          "loss of mapped layers (MiniLM / TinyBERT style); 0 = off")
+    augment: list[bool] = Field(default=[True, False], description="Distil on the transfer set too (teacher-"
+                                "labelled augmentations of train and --unlabelled texts)")
     prune_heads: list[float] = Field(default=[0.0, 0.25, 0.5], description="Shares of attention heads to remove")
     prune_ffn: list[float] = Field(default=[0.0, 0.25, 0.5], description="Shares of FFN neurons to remove")
     importance: list[str] = Field(default=["taylor"], description="Pruning importance: taylor (|w*grad|) or magnitude")
     recovery_steps: list[int] = Field(default=[0, 200], description="KD steps after pruning")
     trim_vocab: list[bool] = Field(default=[True, False], description="Trim the vocabulary to tokens seen in train")
-    quantize: list[str] = Field(default=["onnx-int8", "torch-int8", "none"], description="int8 backend or none")
+    quantize: list[str] = Field(default=["onnx-int8", "onnx-int8-unfused", "torch-int8", "none"],
+                                description="int8 backend or none: onnx-int8 (fused graph), onnx-int8-unfused, "
+                                "torch-int8 (the fused graph measured no faster on 2 CPU cores: both are searched)")
 
 
 class CompressConfig(StrictModel):
@@ -76,10 +85,19 @@ class CompressConfig(StrictModel):
     train_limit: int | None = Field(default=None, ge=1, description="Smoke knob: use at most this many train "
                                     "rows for distillation and pruning")
     latency_texts: int = Field(default=64, ge=32, description="Test texts used for latency (>= 32)")
+    augment_copies: int = Field(default=1, ge=0, description="Augmented copies of each train text in the "
+                                "transfer set (masking, deletion, swaps, span mixing; teacher-labelled; "
+                                "0 = none)")
+    unlabelled: Path | None = Field(default=None, description="In-domain texts without labels for the teacher to "
+                                    "label (.txt, one per line, or CSV/TSV/JSONL/parquet with a text column); "
+                                    "texts in validation or test are dropped and counted")
     initial_points: list[dict[str, Any]] | None = Field(
         default=None, description="Trials to evaluate first (full parameter dicts); default: ONNX int8 alone "
         "(the one-step alternative) and a distil + trim + int8 combination")
     asha: bool = Field(default=True, description="Stop distillations that fall behind after each epoch (ASHA)")
+    asha_grace_epochs: int | None = Field(default=None, ge=1, description="Epochs every distillation runs before "
+                                          "ASHA may stop it (default: half the longest epoch budget, rounded up: "
+                                          "a long student is not judged by its first epoch)")
     seed: int = Field(default=0, description="Seed of the sampler and of every trial")
     search: SearchSpace = Field(default_factory=SearchSpace, description="The search space")
     resume: bool = Field(default=True, description="Resume an interrupted search in the same output folder")
@@ -107,7 +125,9 @@ def plan_from_params(p: dict[str, Any]) -> dict[str, dict[str, Any]]:
     plan: dict[str, dict[str, Any]] = {}
     kd = {"lr": p["lr"], "temperature": p["temperature"], "alpha": p["alpha"]}
     if p["distill_layers"]:
-        plan["distill"] = {"layers": p["distill_layers"], "epochs": p["distill_epochs"], **kd}
+        plan["distill"] = {"layers": p["distill_layers"], "epochs": p["distill_epochs"], **kd,
+                           "hidden_weight": p.get("hidden_weight", 0.0),
+                           "attention_weight": p.get("attention_weight", 0.0)}
     if p["prune_heads"] or p["prune_ffn"]:
         plan["prune"] = {"heads": p["prune_heads"], "ffn": p["prune_ffn"], "importance": p["importance"],
                          "recovery_steps": p["recovery_steps"], **kd}
@@ -139,7 +159,7 @@ def trial(config: dict[str, Any]) -> None:
         if epoch < params["distill_epochs"]:  # the last epoch's result comes with the full report
             ray.tune.report({"epoch": epoch, "val_accuracy": acc, "final": False})
 
-    ctx = _method_context(shared, data_dir, inputs, val, threads, on_epoch)
+    ctx = _method_context(shared, data_dir, inputs, val, threads, on_epoch, bool(params.get("augment")))
     started = time.perf_counter()
     cand = run_pipeline(Candidate(build_torch_model(teacher_dir, {}), load_tokenizer(teacher_dir)), ctx,
                         plan_from_params(params))
@@ -155,16 +175,21 @@ def trial(config: dict[str, Any]) -> None:
 
 
 def _method_context(shared: dict[str, Any], data_dir: Path, inputs: Path, val: dict[str, list], threads: int,
-                    on_epoch: Any) -> Any:
-    """The ``tuning.methods.Context`` of a trial: train rows, the teacher's logits on them, validation."""
+                    on_epoch: Any, augment: bool) -> Any:
+    """The ``tuning.methods.Context`` of a trial: train rows, the teacher's logits on them, validation, and
+    (with ``augment``) the transfer set with the teacher's logits on it."""
     from tuning.methods import Context
 
     texts, labels = train_rows(data_dir, shared["train_limit"])
+    extra: dict[str, Any] = {}
+    if augment and shared["transfer_logits"]:
+        extra = {"extra_texts": read_json(inputs / "transfer_texts.json"),
+                 "extra_logits": np.load(inputs / shared["transfer_logits"])}
     return Context(
         train_texts=texts, train_labels=labels,
         teacher_logits=np.load(inputs / shared["teacher_logits"])[: len(texts)],
         val_texts=val["text"], val_labels=np.asarray(val["label_id"]),
-        max_length=shared["max_length"], threads=threads, seed=shared["seed"], on_epoch=on_epoch)
+        max_length=shared["max_length"], threads=threads, seed=shared["seed"], on_epoch=on_epoch, **extra)
 
 
 def _save_and_measure(cand: Any, shared: dict[str, Any], trial_id: str, latency_texts: list[str],
@@ -240,6 +265,9 @@ def param_space(space: SearchSpace, depth: int) -> dict[str, Any]:
         "temperature": tune.uniform(*space.temperature),
         "alpha": tune.uniform(*space.alpha),
         "lr": tune.loguniform(*space.lr),
+        "hidden_weight": tune.choice(space.hidden_weight),
+        "attention_weight": tune.choice(space.attention_weight),
+        "augment": tune.choice(space.augment),
         "prune_heads": tune.choice(space.prune_heads),
         "prune_ffn": tune.choice(space.prune_ffn),
         "importance": tune.choice(space.importance),
@@ -250,7 +278,8 @@ def param_space(space: SearchSpace, depth: int) -> dict[str, Any]:
 
 
 def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
-    """The one-step alternative (ONNX int8 alone) and a distil + trim + int8 combination, evaluated first.
+    """The one-step alternatives (ONNX int8 alone, fused and plain export) and a distil (+ intermediate layers
+    and the transfer set) + trim + int8 combination, evaluated first.
 
     Every value is taken from the space (Optuna rejects points outside it): where the space has no
     "off" value for a method, the point keeps that method on.
@@ -264,29 +293,56 @@ def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
             "alpha": 0.7, "lr": min(max(2e-4, space.lr[0]), space.lr[1]),
             "prune_heads": prefer(space.prune_heads, 0.0), "prune_ffn": prefer(space.prune_ffn, 0.0),
             "importance": space.importance[0], "recovery_steps": prefer(space.recovery_steps, 0),
-            "trim_vocab": prefer(space.trim_vocab, False), "quantize": prefer(space.quantize, "onnx-int8")}
+            "trim_vocab": prefer(space.trim_vocab, False), "quantize": prefer(space.quantize, "onnx-int8"),
+            "hidden_weight": prefer(space.hidden_weight, 0.0), "attention_weight": prefer(space.attention_weight, 0.0),
+            "augment": prefer(space.augment, False)}
     points = [base]
+    if base["quantize"] == "onnx-int8" and "onnx-int8-unfused" in space.quantize:  # both one-step baselines
+        points.append({**base, "quantize": "onnx-int8-unfused"})
     if any(d > 0 for d in layers) and True in space.trim_vocab:
-        points.append({**base, "distill_layers": max(layers), "trim_vocab": True})
+        points.append({**base, "distill_layers": max(layers), "trim_vocab": True,
+                       "hidden_weight": max(space.hidden_weight), "attention_weight": max(space.attention_weight),
+                       "augment": prefer(space.augment, True)})
     return points
 
 
-def teacher_logits(model_dir: Path, data_dir: Path, out: Path, limit: int | None) -> Path:
-    """The fine-tuned model's logits on the train texts, computed once per (model, data) and cached."""
+def teacher_logits(model_dir: Path, texts: list[str], out: Path, name: str) -> Path:
+    """The fine-tuned model's logits on ``texts``, computed once per (model, texts) and cached in ``out``."""
     from jobs.inference import load_inference_model
 
     weights = Path(model_dir) / "model.safetensors"
     model_key = file_sha256(weights) if weights.is_file() else str(model_dir)
-    key = hashlib.sha256(f"{model_key}{file_sha256(Path(data_dir) / 'manifest.json')}{limit}".encode()).hexdigest()
-    path = out / f"teacher_logits-{key[:12]}.npy"
+    key = hashlib.sha256(model_key.encode())
+    for text in texts:
+        key.update(text.encode() + b"\0")
+    path = out / f"{name}-{key.hexdigest()[:12]}.npy"
     if not path.is_file():
-        texts, _ = train_rows(data_dir, limit)
-        log.info("teacher logits on %d train texts (once; cached in %s)", len(texts), path.name)
+        log.info("teacher logits on %d %s texts (once; cached in %s)", len(texts), name.split("_")[0], path.name)
         logits = load_inference_model(model_dir).logits(texts, batch_size=64)
         partial = out / f".{path.name}.partial.npy"
         np.save(partial, logits)
         partial.rename(path)
     return path
+
+
+def transfer_set(cfg: CompressConfig, inputs: SearchInputs, train: list[str], folder: Path) -> dict[str, Any]:
+    """Builds the transfer set (``tuning.transfer``) into ``folder``: its texts, the teacher's logits on them;
+    returns what it holds and dropped (the logits' file name under "logits", None when it is empty)."""
+    from jobs.modeling import load_tokenizer
+    from tuning.transfer import build_transfer_set
+
+    mask_token = load_tokenizer(inputs.model_dir).mask_token or "[MASK]"
+    built = build_transfer_set(train, inputs.val[0] + inputs.test[0], copies=cfg.augment_copies, seed=cfg.seed,
+                               mask_token=mask_token, unlabelled=inputs.unlabelled)
+    if cfg.unlabelled is not None and not built.sources["unlabelled"]:
+        raise InputError(f"--unlabelled {str(cfg.unlabelled)!r}: none of its {len(inputs.unlabelled)} texts is usable "
+                         f"({dict(built.dropped)}); every one is a train, validation or test text")
+    write_json(folder / "transfer_texts.json", built.texts)
+    logits = teacher_logits(inputs.model_dir, built.texts, folder, "transfer_logits") if built.texts else None
+    log.info("transfer set: %d texts (%s); dropped %s", len(built.texts), dict(built.sources) or "none",
+             dict(built.dropped) or "none")
+    return {"logits": logits.name if logits else None, "texts": len(built.texts), "sources": dict(built.sources),
+            "dropped": dict(built.dropped)}
 
 
 def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
@@ -365,12 +421,15 @@ class SearchInputs:
     val: tuple[list[str], list[str]]  # (texts, label names)
     test: tuple[list[str], list[str]]
     latency_texts: list[str]  # test texts, the same for every model
+    unlabelled: list[str]  # --unlabelled's texts (empty without it)
 
 
 def load_inputs(cfg: CompressConfig) -> SearchInputs:
     """Checks the inputs (``check_inputs``) and reads what the search and the choice need."""
     from jobs.modeling import encoder_layers, load_classifier
+    from tuning.transfer import read_unlabelled
 
+    unlabelled = read_unlabelled(cfg.unlabelled) if cfg.unlabelled is not None else []
     data_manifest, base_model = check_inputs(cfg)
     model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
     val, test = read_split(data_dir, "validation"), read_split(data_dir, "test")
@@ -381,7 +440,8 @@ def load_inputs(cfg: CompressConfig) -> SearchInputs:
     return SearchInputs(model_dir=model_dir, data_dir=data_dir, data_manifest=data_manifest,
                         labels=base_model.labels, max_length=int(base_model.max_length),
                         depth=len(encoder_layers(load_classifier(model_dir)[0])),
-                        val=(val["text"], val["label"]), test=(test["text"], test["label"]), latency_texts=latency_texts)
+                        val=(val["text"], val["label"]), test=(test["text"], test["label"]), latency_texts=latency_texts,
+                        unlabelled=unlabelled)
 
 
 def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output) -> dict[str, Any]:
@@ -393,14 +453,17 @@ def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output
     write_json(output.work / "compress_config.json", cfg.model_dump(mode="json"))
     folder = output.work / "inputs"
     folder.mkdir(exist_ok=True)
-    logits_path = teacher_logits(inputs.model_dir, inputs.data_dir, folder, cfg.train_limit)
+    train, _ = train_rows(inputs.data_dir, cfg.train_limit)
+    logits_path = teacher_logits(inputs.model_dir, train, folder, "teacher_logits")
+    transfer = transfer_set(cfg, inputs, train, folder)
+    write_json(folder / "transfer.json", {k: v for k, v in transfer.items() if k != "logits"})
     write_json(folder / "latency_texts.json", inputs.latency_texts)
     location = str(folder)
     if output.remote:
         location = join(output.dest, "inputs")
         storage.upload_dir(folder, location)
     return {"model": storage.canonical(cfg.model), "data": storage.canonical(cfg.data), "inputs": location,
-            "teacher_logits": logits_path.name, "search_dir": join(output.dest, "search"),
+            "teacher_logits": logits_path.name, "transfer_logits": transfer["logits"], "search_dir": join(output.dest, "search"),
             "max_length": inputs.max_length, "train_limit": cfg.train_limit, "trial_cpus": cfg.trial_cpus,
             "seed": cfg.seed, "max_epoch": max(cfg.search.distill_epochs)}
 
@@ -444,7 +507,8 @@ def _tune_config(cfg: CompressConfig, depth: int) -> Any:
     searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
                             points_to_evaluate=cfg.initial_points or default_points(cfg.search, depth), seed=cfg.seed)
     scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
-                               grace_period=1, reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
+                               grace_period=min(max_epoch, cfg.asha_grace_epochs or math.ceil(max_epoch / 2)),
+                               reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
     cpus = ray.cluster_resources().get("CPU", 1)
     return tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler,
                            max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)), time_budget_s=cfg.time_budget_s)

@@ -9,6 +9,7 @@ that ``jobs.inference.load_inference_model`` loads (backend torch, torch-int8 or
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -23,13 +24,18 @@ from jobs.artifacts import write_json
 from jobs.inference import MODEL_INFO, quantize_dynamic_int8
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
 from jobs.tasks import accuracy_macro_f1
+from tuning.onnx_export import ONNX_BACKENDS, write_onnx
 
-QUANTIZE_BACKENDS = ("none", "torch-int8", "onnx-int8")
+QUANTIZE_BACKENDS = ("none", "torch-int8", *ONNX_BACKENDS)
 
 
 @dataclass
 class Context:
-    """What every method may use. Teacher logits are on the train texts, in order."""
+    """What every method may use. Teacher logits are on the train texts, in order.
+
+    Extra texts have no gold label (teacher-labelled augmentations, in-domain unlabelled text): distillation
+    trains on them with the KD terms only; pruning's importance scores use the gold train rows alone.
+    """
 
     train_texts: list[str]
     train_labels: np.ndarray
@@ -40,6 +46,8 @@ class Context:
     threads: int = 1
     seed: int = 0
     batch_size: int = 32
+    extra_texts: list[str] = field(default_factory=list)
+    extra_logits: np.ndarray | None = None  # teacher logits on extra_texts, (len(extra_texts), teacher_logits cols)
     # Called after each distillation epoch with (epoch, validation accuracy); a Tune trial reports through it.
     on_epoch: Callable[[int, float], None] | None = None
 
@@ -58,63 +66,185 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
-def val_accuracy(model: Any, tokenizer: Any, ctx: Context) -> float:
-    """Accuracy of an fp32 model on the context's validation texts (leaves it in train mode)."""
+def accuracy(model: Any, tokenizer: Any, texts: list[str], label_ids: Any, max_length: int) -> float:
+    """Accuracy of an fp32 PyTorch classifier on ``texts`` (leaves it in eval mode)."""
     import torch
 
     model.eval()
     preds = []
     with torch.inference_mode():
-        for i in range(0, len(ctx.val_texts), 128):
-            preds.append(model(**_encode(tokenizer, ctx.val_texts[i:i + 128], ctx.max_length)).logits.argmax(-1))
+        for i in range(0, len(texts), 128):
+            preds.append(model(**_encode(tokenizer, texts[i:i + 128], max_length)).logits.argmax(-1))
+    return accuracy_macro_f1(np.asarray(label_ids), torch.cat(preds).numpy())["accuracy"]
+
+
+def val_accuracy(model: Any, tokenizer: Any, ctx: Context) -> float:
+    """Accuracy of an fp32 model on the context's validation texts (leaves it in train mode)."""
+    acc = accuracy(model, tokenizer, ctx.val_texts, ctx.val_labels, ctx.max_length)
     model.train()
-    return accuracy_macro_f1(ctx.val_labels, torch.cat(preds).numpy())["accuracy"]
+    return acc
+
+
+def _transfer_rows(ctx: Context) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Train rows then extra rows: texts, teacher logits, gold label ids (-1 on extra rows: they have none)."""
+    classes = ctx.teacher_logits.shape[1]
+    extra = np.zeros((0, classes), np.float32) if ctx.extra_logits is None else ctx.extra_logits
+    if len(ctx.teacher_logits) != len(ctx.train_texts) or extra.shape != (len(ctx.extra_texts), classes):
+        raise ValueError(f"teacher logits must have one row per text: teacher_logits {ctx.teacher_logits.shape} for "
+                         f"{len(ctx.train_texts)} train texts, extra_logits {extra.shape} for {len(ctx.extra_texts)} "
+                         f"extra texts (with the {classes} columns of teacher_logits)")
+    logits = np.concatenate([ctx.teacher_logits, extra]).astype(np.float32)
+    gold = np.concatenate([np.asarray(ctx.train_labels), np.full(len(ctx.extra_texts), -1)])
+    return list(ctx.train_texts) + list(ctx.extra_texts), logits, gold
+
+
+def _keep_output(slot: dict[str, Any], name: str, module: Any, args: Any, output: Any) -> None:
+    slot[name] = output
+
+
+def _keep_projections(layers: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Forward hooks that keep each layer's latest query / key / value projections, (B, T, heads * head_size).
+
+    Relations are recomputed from them, so any attention implementation works (sdpa returns no probabilities,
+    and eager's are after dropout).
+    """
+    kept, hooks = [], []
+    for layer in layers:
+        attn = layer.attention.self
+        slot: dict[str, Any] = {"head_size": attn.attention_head_size}
+        for name in ("query", "key", "value"):
+            hooks.append(getattr(attn, name).register_forward_hook(functools.partial(_keep_output, slot, name)))
+        kept.append(slot)
+    return kept, hooks
+
+
+def _hidden_loss(student: list[Any], teacher: list[Any], mask: Any) -> Any:
+    """MSE of student layer outputs against their mapped teacher layers' (B, T, hidden each), over real tokens
+    and hidden dims, mean over layers."""
+    real = mask[..., None].float()  # (B, T, 1)
+    per_layer = [((s - t) ** 2 * real).sum() / (real.sum() * s.shape[-1]) for s, t in zip(student, teacher)]
+    return sum(per_layer) / len(per_layer)
+
+
+def _log_relation(a: Any, b: Any, head_size: int, keys: Any) -> Any:
+    """log softmax(a_h b_h^T / sqrt(d)) per head over real keys: (B, T, H * d) twice -> (B, H, T, T)."""
+    import torch
+
+    B, T, _ = a.shape
+    a, b = (x.view(B, T, -1, head_size).transpose(1, 2) for x in (a, b))  # (B, H, T, d)
+    scores = (a @ b.transpose(-1, -2)) * head_size**-0.5
+    return torch.log_softmax(scores.masked_fill(~keys[:, None, None, :], torch.finfo(scores.dtype).min), -1)
+
+
+def _relation_loss(student: list[dict[str, Any]], teacher: list[dict[str, Any]], mask: Any) -> Any:
+    """MiniLM's self-attention transfer: KL(teacher || student) of the attention distributions softmax(QK^T/sqrt d)
+    and of the value relations softmax(VV^T/sqrt d) of mapped layers; mean over heads, real query positions, the
+    two relations and the layers."""
+    keys, real = mask.bool(), mask.float()  # (B, T)
+    total = 0.0
+    for s, t in zip(student, teacher):
+        for a, b in (("query", "key"), ("value", "value")):
+            log_s = _log_relation(s[a], s[b], s["head_size"], keys)
+            log_t = _log_relation(t[a], t[b], t["head_size"], keys)
+            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)  # (B, T): per query, mean over heads
+            total = total + (kl * real).sum() / real.sum()
+    return total / (2 * len(student))
 
 
 def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: float, temperature: float,
-             alpha: float, max_steps: int | None = None, freeze_embeddings: bool = True) -> None:
-    """Trains on the train split with alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE."""
+             alpha: float, max_steps: int | None = None, freeze_embeddings: bool = True, teacher: Any = None,
+             layer_map: list[int] | None = None, hidden_weight: float = 0.0,
+             attention_weight: float = 0.0) -> list[dict[str, float]]:
+    """Trains on the train + extra rows with alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE, the CE
+    on train rows only (extra rows have no gold label), plus intermediate-layer terms when their weights are > 0:
+    ``hidden_weight`` * hidden-state MSE and ``attention_weight`` * attention-relation KL, student layer i against
+    layer ``layer_map[i]`` of ``teacher`` (a model with the same hidden size, run on every batch without grad).
+
+    An epoch is one pass over all rows, shuffled together under ``ctx.seed``. Returns one dict per epoch: the mean
+    loss and components ("kd", "ce", and "hidden" / "attention" when on) over its steps.
+    """
     import torch
     import torch.nn.functional as F
     from transformers import get_linear_schedule_with_warmup
 
+    if hidden_weight < 0 or attention_weight < 0:
+        raise ValueError(f"intermediate loss weights must be >= 0, got hidden_weight={hidden_weight}, "
+                         f"attention_weight={attention_weight}")
+    intermediate = hidden_weight > 0 or attention_weight > 0
+    if intermediate and (teacher is None or layer_map is None):
+        raise ValueError("hidden_weight / attention_weight > 0 need the teacher model and layer_map (its layer for "
+                         "each student layer)")
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
     if freeze_embeddings:  # word embeddings are half of a small encoder's weights; their updates cost most
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    n = len(ctx.train_texts)
+    texts, teacher_logits, gold = _transfer_rows(ctx)
+    n = len(texts)
     steps_per_epoch = max(1, n // ctx.batch_size)
     total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * total), total)
     rng = np.random.default_rng(ctx.seed)
-    teacher = torch.from_numpy(ctx.teacher_logits).float()
-    labels = torch.from_numpy(ctx.train_labels).long()
+    teacher_logits, labels = torch.from_numpy(teacher_logits), torch.from_numpy(gold).long()
+    weights = {"kd": alpha, "ce": 1 - alpha, "hidden": hidden_weight, "attention": attention_weight}
+    student_qkv, teacher_qkv, hooks = [], [], []
+    if attention_weight > 0:
+        student_qkv, hooks = _keep_projections(encoder_layers(model))
+        teacher_qkv, teacher_hooks = _keep_projections([encoder_layers(teacher)[k] for k in layer_map])
+        hooks += teacher_hooks
+    if intermediate:
+        teacher.eval()
+
+    def batch_losses(idx: np.ndarray) -> dict[str, Any]:
+        batch = _encode(tokenizer, [texts[i] for i in idx], ctx.max_length)
+        out = model(**batch, output_hidden_states=hidden_weight > 0)
+        y = labels[idx]
+        losses = {
+            "kd": F.kl_div(F.log_softmax(out.logits / temperature, -1),
+                           F.softmax(teacher_logits[idx] / temperature, -1), reduction="batchmean") * temperature**2,
+            "ce": F.cross_entropy(out.logits[y >= 0], y[y >= 0]) if (y >= 0).any() else out.logits.new_zeros(()),
+        }
+        if intermediate:
+            with torch.no_grad():
+                ref = teacher(**batch, output_hidden_states=hidden_weight > 0)
+            if hidden_weight > 0:  # hidden_states[0] is the embedding output, identical in student and teacher
+                losses["hidden"] = _hidden_loss(out.hidden_states[1:], [ref.hidden_states[k + 1] for k in layer_map],
+                                                batch["attention_mask"])
+            if attention_weight > 0:
+                losses["attention"] = _relation_loss(student_qkv, teacher_qkv, batch["attention_mask"])
+        return losses
+
     model.train()
+    history: list[dict[str, float]] = []
     step = 0
-    while step < total:
-        order = rng.permutation(n)
-        for b in range(steps_per_epoch):
-            idx = order[b * ctx.batch_size:(b + 1) * ctx.batch_size]
-            batch = _encode(tokenizer, [ctx.train_texts[i] for i in idx], ctx.max_length)
-            logits = model(**batch).logits
-            kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(teacher[idx] / temperature, -1),
-                          reduction="batchmean") * temperature**2
-            loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits, labels[idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step >= total:
-                break
-        epoch = math.ceil(step / steps_per_epoch)
-        if ctx.on_epoch is not None and max_steps is None:
-            ctx.on_epoch(epoch, val_accuracy(model, tokenizer, ctx))
+    try:
+        while step < total:
+            order = rng.permutation(n)
+            sums: dict[str, float] = {}
+            for b in range(steps_per_epoch):
+                losses = batch_losses(order[b * ctx.batch_size:(b + 1) * ctx.batch_size])
+                loss = sum(weights[k] * v for k, v in losses.items())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                for k, v in {"loss": loss, **losses}.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                step += 1
+                if step >= total:
+                    break
+            epoch = math.ceil(step / steps_per_epoch)
+            history.append({"epoch": epoch, "steps": b + 1, **{k: round(v / (b + 1), 6) for k, v in sums.items()}})
+            if ctx.on_epoch is not None and max_steps is None:
+                ctx.on_epoch(epoch, val_accuracy(model, tokenizer, ctx))
+    finally:
+        for hook in hooks:
+            hook.remove()
     model.base_model.embeddings.word_embeddings.weight.requires_grad_(True)
     model.eval()
+    return history
 
 
 def pick_layers(depth: int, keep: int) -> list[int]:
@@ -125,8 +255,11 @@ def pick_layers(depth: int, keep: int) -> list[int]:
 
 
 def distill(cand: Candidate, ctx: Context, *, layers: int, epochs: float = 2, lr: float = 2e-4,
-            temperature: float = 2.0, alpha: float = 0.7) -> Candidate:
-    """A student of ``layers`` layers picked from the teacher (initialised from its weights), trained by KD."""
+            temperature: float = 2.0, alpha: float = 0.7, hidden_weight: float = 0.0,
+            attention_weight: float = 0.0) -> Candidate:
+    """A student of ``layers`` layers picked from the teacher (initialised from its weights), trained by KD on the
+    teacher's logits and, with ``hidden_weight`` / ``attention_weight`` > 0, on the picked teacher layers' hidden
+    states / attention relations (the teacher then runs on every batch; see ``kd_train``)."""
     import torch
 
     model = copy.deepcopy(cand.model)
@@ -137,9 +270,13 @@ def distill(cand: Candidate, ctx: Context, *, layers: int, epochs: float = 2, lr
     for i, layer in enumerate(model.base_model.encoder.layer):  # layer_idx indexes caches in transformers 5
         if hasattr(layer.attention.self, "layer_idx"):
             layer.attention.self.layer_idx = i
-    kd_train(model, cand.tokenizer, ctx, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha)
+    losses = kd_train(model, cand.tokenizer, ctx, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
+                      teacher=cand.model, layer_map=keep, hidden_weight=hidden_weight,
+                      attention_weight=attention_weight)
     return Candidate(model, cand.tokenizer, cand.int8_backend, cand.steps + [
-        {"method": "distill", "layers": keep, "epochs": epochs, "lr": lr, "temperature": temperature, "alpha": alpha}])
+        {"method": "distill", "layers": keep, "epochs": epochs, "lr": lr, "temperature": temperature, "alpha": alpha,
+         "hidden_weight": hidden_weight, "attention_weight": attention_weight,
+         "transfer_texts": len(ctx.extra_texts), "losses": losses}])
 
 
 def _importance(model: Any, tokenizer: Any, ctx: Context, kind: str, batches: int = 8) -> list[tuple[Any, Any]]:
@@ -207,6 +344,10 @@ def _renumbered_tokenizer(tok: Any, keep: list[int], new_id: dict[int, int]) -> 
             raise ValueError(f"vocabulary trimming supports WordPiece/BPE tokenizers, not {spec['model']['type']}")
         by_id = {i: t for t, i in vocab.items()}
         spec["model"]["vocab"] = {by_id[old]: new for old, new in new_id.items()}
+        if spec["model"].get("merges"):  # BPE: a merge may only name kept tokens (see _kept_tokens)
+            kept = spec["model"]["vocab"]
+            spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                                       if all(t in kept for t in _merge_tokens(m, spec["model"]))]
         for added in spec.get("added_tokens", []):
             added["id"] = new_id[added["id"]]
         post = spec.get("post_processor") or {}
@@ -225,20 +366,85 @@ def _renumbered_tokenizer(tok: Any, keep: list[int], new_id: dict[int, int]) -> 
     return new_tok
 
 
+def _merge_tokens(merge: str | list[str], model: dict[str, Any]) -> tuple[str, str, str]:
+    """A BPE merge's (left, right, result) tokens; ``merge`` is ``"a b"`` or ``["a", "b"]``."""
+    left, right = merge.split(" ") if isinstance(merge, str) else merge
+    prefix = model.get("continuing_subword_prefix") or ""
+    return left, right, left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)
+
+
+def _single_char_pieces(tok: Any, model: dict[str, Any], pre_tokenizer: str | None) -> set[str]:
+    """The vocabulary's one-character pieces that a word can need (``model``: tokenizer.json's model section).
+
+    WordPiece and BPE vocabularies are trained up from their one-character alphabet (byte-level BPE: the 256
+    byte symbols), so with these kept every word the full vocabulary segments stays segmentable, and no
+    [UNK] appears where the full vocabulary had none: WordPiece's greedy longest match always matches at least
+    one character, and BPE starts from characters. Continuation pieces ("##?") of characters that always end
+    up a word of their own (BertPreTokenizer splits off punctuation, BertNormalizer spaces out CJK characters)
+    can never match and are left out.
+    """
+    prefix = model.get("continuing_subword_prefix") or ""
+    suffix = model.get("end_of_word_suffix") or ""
+
+    def body(piece: str) -> str:
+        piece = piece[len(prefix):] if prefix and piece.startswith(prefix) else piece
+        return piece[:-len(suffix)] if suffix and piece.endswith(suffix) else piece
+
+    pieces = {piece for piece in model["vocab"] if len(body(piece)) == 1}
+    if model["type"] == "WordPiece" and pre_tokenizer == "BertPreTokenizer":
+        backend = tok.backend_tokenizer
+
+        def always_alone(char: str) -> bool:  # BertPreTokenizer splits by the character alone, not its neighbours
+            text = backend.normalizer.normalize_str(f"a{char}a") if backend.normalizer else f"a{char}a"
+            words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+            return char in words and not any(char in w for w in words if w != char)
+
+        pieces = {p for p in pieces if not (p.startswith(prefix) and always_alone(body(p)))}
+    return pieces
+
+
+def _kept_tokens(tok: Any, texts: list[str]) -> tuple[list[int], int]:
+    """Token ids trimming keeps: added and special tokens, the tokens of ``texts``, the one-character pieces
+    (``_single_char_pieces``) and, for BPE, the merge parts of all of those, so that ``texts`` segment exactly
+    as before. Returns (sorted ids, number of one-character pieces)."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] not in ("WordPiece", "BPE"):
+        raise ValueError(f"vocabulary trimming supports WordPiece/BPE tokenizers, not {model['type']}")
+    vocab = model["vocab"]
+    singles = _single_char_pieces(tok, model, (spec.get("pre_tokenizer") or {}).get("type"))
+    keep = set(tok.all_special_ids) | {added["id"] for added in spec.get("added_tokens", [])}
+    keep |= {vocab[p] for p in singles}
+    for i in range(0, len(texts), 1024):
+        for ids in tok(texts[i:i + 1024], truncation=False)["input_ids"]:
+            keep.update(ids)
+    # BPE reaches a token through the merge that made it: keep both parts, recursively.
+    parts: dict[str, list[str]] = {}
+    for merge in model.get("merges") or []:
+        left, right, result = _merge_tokens(merge, model)
+        parts.setdefault(result, []).extend((left, right))
+    by_id = {i: t for t, i in vocab.items()}
+    todo = [by_id[i] for i in keep if i in by_id]
+    while todo:
+        for part in parts.get(todo.pop(), []):
+            if vocab[part] not in keep:
+                keep.add(vocab[part])
+                todo.append(part)
+    return sorted(keep), len(singles)
+
+
 def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
-    """Keeps the embedding rows of tokens seen in the train texts plus special tokens; remaps the tokenizer.
+    """Keeps the embedding rows of the tokens seen in the train texts, the special tokens and every
+    one-character piece; remaps the tokenizer.
 
     WordPiece/BPE match greedily against the vocabulary, so on text whose tokens are all kept the new
-    tokenizer produces the same pieces (renumbered) and the model gives identical logits.
+    tokenizer produces the same pieces (renumbered) and the model gives identical logits. On other text a
+    word may split into more pieces, but never into [UNK] where the full vocabulary had none.
     """
     import torch
 
     tok = cand.tokenizer
-    seen = set(tok.all_special_ids)
-    for i in range(0, len(ctx.train_texts), 1024):
-        for ids in tok(ctx.train_texts[i:i + 1024], truncation=False)["input_ids"]:
-            seen.update(ids)
-    keep = sorted(seen)
+    keep, singles = _kept_tokens(tok, ctx.train_texts)
     new_id = {old: new for new, old in enumerate(keep)}
     new_tok = _renumbered_tokenizer(tok, keep, new_id)
 
@@ -252,11 +458,12 @@ def trim_vocab(cand: Candidate, ctx: Context) -> Candidate:
         if getattr(model.config, attr, None) is not None:
             setattr(model.config, attr, new_id.get(getattr(model.config, attr)))
     return Candidate(model, new_tok, cand.int8_backend, cand.steps + [
-        {"method": "trim_vocab", "kept_tokens": len(keep), "original_tokens": len(tok)}])
+        {"method": "trim_vocab", "kept_tokens": len(keep), "original_tokens": len(tok), "single_char_pieces": singles}])
 
 
 def quantize(cand: Candidate, ctx: Context, *, backend: str = "onnx-int8") -> Candidate:
-    """Marks the candidate for int8 export: PyTorch dynamic int8 or ONNX Runtime dynamic int8."""
+    """Marks the candidate for int8 export: PyTorch dynamic int8, or ONNX Runtime dynamic int8 on the fused graph
+    (``onnx-int8``) or on the plain export (``onnx-int8-unfused``, the one-step baseline)."""
     if backend not in QUANTIZE_BACKENDS:
         raise ValueError(f"unknown quantization backend {backend!r}; use one of {QUANTIZE_BACKENDS}")
     return Candidate(cand.model, cand.tokenizer, backend, cand.steps + [{"method": "quantize", "backend": backend}])
@@ -282,21 +489,6 @@ def run_pipeline(cand: Candidate, ctx: Context, plan: dict[str, dict[str, Any]])
     return cand
 
 
-def export_onnx(model: Any, tokenizer: Any, path: Path) -> None:
-    """Exports an fp32 classifier to ONNX (opset 17) with dynamic batch and sequence axes."""
-    import warnings
-
-    import torch
-
-    enc = tokenizer(["a short example", "another slightly longer example text"], padding=True, return_tensors="pt")
-    names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    axes = {k: {0: "batch", 1: "sequence"} for k in names} | {"logits": {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), tuple(enc[k] for k in names), str(path), input_names=names,
-                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
-
-
 def save_candidate(cand: Candidate, out: Path, max_length: int) -> Path:
     """Writes the candidate as an artifact the jobs/ loader reads; returns the weight file."""
     import torch
@@ -320,13 +512,8 @@ def save_candidate(cand: Candidate, out: Path, max_length: int) -> Path:
         config.save_pretrained(out)
         torch.save(quantize_dynamic_int8(copy.deepcopy(model)).state_dict(), out / "model_int8.pt")
         info.update(backend="torch-int8", weights="model_int8.pt")
-    else:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    else:  # ONNX: the graph (fused or not) and its quantization go into the info (tuning/onnx_export.py)
         config.save_pretrained(out)
-        with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(model, cand.tokenizer, Path(tmp) / "fp32.onnx")
-            quantize_dynamic(str(Path(tmp) / "fp32.onnx"), str(out / "model.onnx"), weight_type=QuantType.QInt8)
-        info.update(backend="onnx", weights="model.onnx")
+        info.update(write_onnx(model, cand.tokenizer, out, cand.int8_backend))
     write_json(out / MODEL_INFO, info)
     return out / info["weights"]

@@ -27,8 +27,12 @@ def describe_pipeline(pipeline: list[dict[str, Any]] | None) -> str:
     for step in pipeline:
         m = step["method"]
         if m == "distill":
+            extras = "".join(f" {short}={step[key]:g}" for key, short in
+                             (("hidden_weight", "hid"), ("attention_weight", "att")) if step.get(key))
+            if step.get("transfer_texts"):
+                extras += f" +{step['transfer_texts']} transfer texts"
             parts.append(f"distil {len(step['layers'])}L x{step['epochs']}ep T={step['temperature']:.1f} "
-                         f"a={step['alpha']:.2f}")
+                         f"a={step['alpha']:.2f}{extras}")
         elif m == "prune":
             parts.append(f"prune heads {step['heads']:.0%} ffn {step['ffn']:.0%}"
                          + (f" +{step['recovery_steps']} KD steps" if step["recovery_steps"] else ""))
@@ -125,6 +129,16 @@ def _chosen_section(chosen: dict[str, Any] | None, metrics: dict[str, Any] | Non
             f"On the {metrics['split']} split (`chosen/metrics.json`):", "", summary_markdown(metrics), ""]
 
 
+def _transfer_section(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    t = json.loads(path.read_text(encoding="utf-8"))
+    dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(t["dropped"].items())) or "none"
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(t["sources"].items())) or "empty"
+    return [f"Transfer set (teacher-labelled texts for distillation): {t['texts']} texts ({kinds}); dropped: "
+            f"{dropped}.", ""]
+
+
 def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], chosen: dict[str, Any] | None,
                  metrics: dict[str, Any] | None, cfg: Any) -> None:
     """Writes ``out/report.md``, ``out/trials.json`` and ``out/pareto.png``.
@@ -147,6 +161,7 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
         "tokenization excluded, padding to the longest text in each batch, measured one model after another "
         "after the search.",
         "",
+        *_transfer_section(out / "inputs" / "transfer.json"),
         *_chosen_section(chosen, metrics),
         "![Pareto plot](pareto.png)",
         "",
