@@ -92,7 +92,8 @@ class CompressConfig(StrictModel):
                                     "label (.txt, one per line, or CSV/TSV/JSONL/parquet with a text column); "
                                     "texts in validation or test are dropped and counted")
     initial_points: list[dict[str, Any]] | None = Field(
-        default=None, description="Trials to evaluate first (full parameter dicts); default: ONNX int8 alone "
+        default=None, description="Trials to evaluate first (parameter dicts; a parameter left out takes the value of "
+        "the ONNX-int8-alone point); default: ONNX int8 alone "
         "(the one-step alternative) and a distil + trim + int8 combination")
     asha: bool = Field(default=True, description="Stop distillations that fall behind after each epoch (ASHA)")
     asha_grace_epochs: int | None = Field(default=None, ge=1, description="Epochs every distillation runs before "
@@ -306,6 +307,13 @@ def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
     return points
 
 
+def first_points(cfg: CompressConfig, depth: int) -> list[dict[str, Any]]:
+    """``--initial-points`` (a parameter a point leaves out takes the ONNX-int8-alone point's value), or
+    ``default_points``."""
+    defaults = default_points(cfg.search, depth)
+    return [{**defaults[0], **p} for p in cfg.initial_points] if cfg.initial_points else defaults
+
+
 def teacher_logits(model_dir: Path, texts: list[str], out: Path, name: str) -> Path:
     """The fine-tuned model's logits on ``texts``, computed once per (model, texts) and cached in ``out``."""
     from jobs.inference import load_inference_model
@@ -505,7 +513,7 @@ def _tune_config(cfg: CompressConfig, depth: int) -> Any:
 
     max_epoch = max(cfg.search.distill_epochs)
     searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
-                            points_to_evaluate=cfg.initial_points or default_points(cfg.search, depth), seed=cfg.seed)
+                            points_to_evaluate=first_points(cfg, depth), seed=cfg.seed)
     scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
                                grace_period=min(max_epoch, cfg.asha_grace_epochs or math.ceil(max_epoch / 2)),
                                reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
