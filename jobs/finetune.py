@@ -760,13 +760,13 @@ def main(cfg: FinetuneConfig) -> Path | str:
     ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
     storage.check_writable(ray_storage)
     data_dir, info = check_data(cfg)
+    name = run_name(cfg)  # of the config as given: the same command finds its run again
     if cfg.epochs is None:
         cfg = cfg.model_copy(update={"epochs": default_epochs(info["train_rows"], len(info["labels"]))})
         log.info("epochs: %g, chosen from the data (%d train rows, %d labels)", cfg.epochs, info["train_rows"],
                  len(info["labels"]))
 
     connect(settings)
-    name = run_name(cfg)
     trainer = build_trainer(cfg, info, ray_storage, name)
     if not cfg.resume:
         delete_run(ray_storage, name)
