@@ -24,9 +24,9 @@ import numpy as np
 
 from jobs.errors import InputError
 from jobs.prepare import normalize_text
+from jobs.tasks import TEXT_COLUMN_GUESSES
 
 AUGMENTATIONS = ("mask", "delete", "swap", "span_mix")
-TEXT_COLUMNS = ("text", "sentence", "utterance", "query", "content", "message")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def augmentations(texts: Sequence[str], copies: int, seed: int, mask_token: str)
     rng = np.random.default_rng([seed, 7])
     out = []
     for _ in range(copies):
-        for i, text in enumerate(texts):
+        for text in texts:
             op = AUGMENTATIONS[int(rng.integers(len(AUGMENTATIONS)))]
             other = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else text
             out.append(augment_text(text, other, op, rng, mask_token))
@@ -124,10 +124,10 @@ def read_unlabelled(path: Path | str) -> list[str]:
             raise InputError(f"--unlabelled {e}") from None
         names = table.column_names
         lowered = {n.lower(): n for n in names}
-        column = next((lowered[g] for g in TEXT_COLUMNS if g in lowered), names[0] if len(names) == 1 else None)
+        column = next((lowered[g] for g in TEXT_COLUMN_GUESSES if g in lowered), names[0] if len(names) == 1 else None)
         if column is None:
             raise InputError(f"--unlabelled {str(path)!r}: no text column among {names} (name it one of "
-                             f"{list(TEXT_COLUMNS)}, or pass a .txt file with one text per line)")
+                             f"{list(TEXT_COLUMN_GUESSES)}, or pass a .txt file with one text per line)")
         texts = [t for t in (normalize_text(str(x)) for x in table.column(column).to_pylist() if x is not None) if t]
     else:
         raise InputError(f"--unlabelled {str(path)!r}: unsupported format {path.suffix!r}; use .txt (one text "
