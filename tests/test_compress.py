@@ -306,9 +306,10 @@ def test_first_points_stay_inside_a_restricted_space():
             alternative["quantize"]) == (0, 0.0, False, "onnx-int8")
     points = default_points(SearchSpace(), depth=6)
     assert points[1] == {**alternative, "quantize": "onnx-int8-unfused"}  # both one-step baselines, measured
-    combination = points[2]
-    assert combination["distill_layers"] == 3 and combination["augment"] is True
-    assert combination["hidden_weight"] > 0 and combination["attention_weight"] > 0
+    assert [p["distill_layers"] for p in points[2:]] == [3, 2]  # combinations, deepest student first
+    for combination in points[2:]:
+        assert combination["augment"] is True and combination["trim_vocab"] is True
+        assert combination["hidden_weight"] == 0 and combination["attention_weight"] == 0
 
 
 def measured(tid, acc, lat, size, pipeline, pareto=False):

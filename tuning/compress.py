@@ -94,7 +94,7 @@ class CompressConfig(StrictModel):
     initial_points: list[dict[str, Any]] | None = Field(
         default=None, description="Trials to evaluate first (parameter dicts; a parameter left out takes the value of "
         "the ONNX-int8-alone point); default: ONNX int8 alone "
-        "(the one-step alternative) and a distil + trim + int8 combination")
+        "(fused and plain export: the one-step alternatives), then distil + trim + int8 at each student depth")
     asha: bool = Field(default=True, description="Stop distillations that fall behind after each epoch (ASHA)")
     asha_grace_epochs: int | None = Field(default=None, ge=1, description="Epochs every distillation runs before "
                                           "ASHA may stop it (default: half the longest epoch budget, rounded up: "
@@ -279,11 +279,14 @@ def param_space(space: SearchSpace, depth: int) -> dict[str, Any]:
 
 
 def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
-    """The one-step alternatives (ONNX int8 alone, fused and plain export) and a distil (+ intermediate layers
-    and the transfer set) + trim + int8 combination, evaluated first.
+    """The one-step alternatives (ONNX int8 alone, fused and plain export), then distil + trim + int8
+    combinations at each student depth of the space, deepest first, evaluated first.
 
-    Every value is taken from the space (Optuna rejects points outside it): where the space has no
-    "off" value for a method, the point keeps that method on.
+    The combinations distil on the transfer set with the logit loss only: in the ablation
+    (``bench/distill_ablation.py``, README) augmentation added 1.3 test points and the intermediate-layer
+    losses none, at twice the cost per step; the search still tries them. Every value is taken from the space
+    (Optuna rejects points outside it): where the space has no "off" value for a method, the point keeps that
+    method on.
     """
     layers = space.distill_layers or default_layers(depth)
 
@@ -300,10 +303,9 @@ def default_points(space: SearchSpace, depth: int) -> list[dict[str, Any]]:
     points = [base]
     if base["quantize"] == "onnx-int8" and "onnx-int8-unfused" in space.quantize:  # both one-step baselines
         points.append({**base, "quantize": "onnx-int8-unfused"})
-    if any(d > 0 for d in layers) and True in space.trim_vocab:
-        points.append({**base, "distill_layers": max(layers), "trim_vocab": True,
-                       "hidden_weight": max(space.hidden_weight), "attention_weight": max(space.attention_weight),
-                       "augment": prefer(space.augment, True)})
+    if True in space.trim_vocab:
+        for d in sorted((d for d in layers if d > 0), reverse=True):
+            points.append({**base, "distill_layers": d, "trim_vocab": True, "augment": prefer(space.augment, True)})
     return points
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jobs.artifacts import write_json
+from jobs.batching import length_grouped_batches, token_lengths
 from jobs.inference import MODEL_INFO, quantize_dynamic_int8
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
 from jobs.tasks import accuracy_macro_f1
@@ -160,7 +161,8 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
     ``hidden_weight`` * hidden-state MSE and ``attention_weight`` * attention-relation KL, student layer i against
     layer ``layer_map[i]`` of ``teacher`` (a model with the same hidden size, run on every batch without grad).
 
-    An epoch is one pass over all rows, shuffled together under ``ctx.seed``. Returns one dict per epoch: the mean
+    An epoch is one pass over all rows, shuffled together under ``ctx.seed`` in length-grouped batches
+    (``jobs.batching``; a last short batch is left out). Returns one dict per epoch: the mean
     loss and components ("kd", "ce", and "hidden" / "attention" when on) over its steps.
     """
     import torch
@@ -186,6 +188,7 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
     total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * total), total)
     rng = np.random.default_rng(ctx.seed)
+    lengths = token_lengths(tokenizer, texts, ctx.max_length)
     teacher_logits, labels = torch.from_numpy(teacher_logits), torch.from_numpy(gold).long()
     weights = {"kd": alpha, "ce": 1 - alpha, "hidden": hidden_weight, "attention": attention_weight}
     student_qkv, teacher_qkv, hooks = [], [], []
@@ -219,11 +222,12 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
     history: list[dict[str, float]] = []
     step = 0
     try:
-        while step < total:
-            order = rng.permutation(n)
+        while step < total:  # rows of similar length share a batch: on short texts about half the padding
+            batches = [b for b in length_grouped_batches(lengths, ctx.batch_size, rng)
+                       if len(b) == ctx.batch_size] or [rng.permutation(n)]
             sums: dict[str, float] = {}
-            for b in range(steps_per_epoch):
-                losses = batch_losses(order[b * ctx.batch_size:(b + 1) * ctx.batch_size])
+            for b, idx in enumerate(batches[:steps_per_epoch]):
+                losses = batch_losses(idx)
                 loss = sum(weights[k] * v for k, v in losses.items())
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
