@@ -141,14 +141,15 @@ def kill_a_worker_once_checkpointed(run_dir: Path, step: int, done: threading.Ev
 def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
     """The one short ZeRO-3 run the integration tests share: 2 workers, every parameter partitioned, and a
     worker process killed (SIGKILL, from the test) once the step-4 checkpoint is registered; the run must
-    restart, resume from that checkpoint and finish."""
+    restart, resume from that checkpoint and finish. Batches are grouped by length (the resumed epoch must
+    skip exactly the batches trained before the kill, so their order must be the same again)."""
     from jobs.finetune import FinetuneConfig, main, run_name
 
     out = tmp_path_factory.mktemp("ft") / "model"
     cfg = FinetuneConfig(
         data=sample_data, out=out, model=str(tiny_encoder), workers=2, cpus_per_worker=1, zero_stage=3,
         max_steps=8, batch_size=16, lr=3e-4, warmup_ratio=0.0, checkpoint_every=2, log_every=2, max_failures=2,
-        deepspeed={"stage3_param_persistence_threshold": 0},
+        group_by_length=True, deepspeed={"stage3_param_persistence_threshold": 0},
     )
     run_dir = Path(get_settings().storage_root).expanduser().resolve() / "ray_train" / run_name(cfg)
     done, killed = threading.Event(), {}
