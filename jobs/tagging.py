@@ -1,0 +1,235 @@
+"""Entity tagging data: CoNLL and JSONL readers, tag schemes normalised to IOB2, spans, entity-level metrics.
+
+    read_tagged(path)                       -> sentences (tokens, tags, the line of each token)
+    normalize(sentences, "auto", repair)    -> the same sentences in IOB2, with what was converted or repaired
+    entity_metrics(true_tags, pred_tags)    -> seqeval's entity-level precision / recall / F1, default and strict
+
+Files: CoNLL-style text (one ``token<TAB>tag`` per line, or whitespace-separated columns whose last one is
+the tag, as in CoNLL-2003; a blank line between sentences; ``-DOCSTART-`` lines skipped), and JSONL with
+``tokens`` and ``tags`` lists per line. Schemes: IOB1 (``I-`` starts a span, ``B-`` only separates two
+adjacent spans of one type), IOB2 (every span starts with ``B-``) and BIOES (``S-`` single, ``E-`` end).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from jobs.errors import InputError
+
+SCHEMES = ("auto", "iob1", "iob2", "bioes")
+CONLL_SUFFIXES = (".conll", ".conllu", ".iob", ".bio", ".txt")
+PREFIXES = {"B", "I", "E", "S"}
+
+
+@dataclass
+class Sentence:
+    tokens: list[str]
+    tags: list[str]
+    lines: list[int] = field(default_factory=list)  # 1-based line of each token in ``source``
+    source: str = ""
+
+    def where(self, i: int) -> str:
+        """``file:line`` of token ``i`` (for error messages)."""
+        return f"{self.source}:{self.lines[i]}" if self.lines else f"{self.source} (token {i + 1})"
+
+
+@dataclass
+class Normalized:
+    sentences: list[Sentence]
+    scheme: str  # the scheme the input was read as
+    repaired: int = 0  # I-X tags that began a span and became B-X (--repair-tags)
+    converted: int = 0  # tags rewritten by the scheme conversion (IOB1 or BIOES to IOB2)
+
+
+def split_tag(tag: str, where: str) -> tuple[str, str | None]:
+    """("O", None) or (prefix, type) of a tag such as ``B-person``; anything else is an error naming ``where``."""
+    if tag == "O":
+        return "O", None
+    prefix, sep, kind = tag.partition("-")
+    if not sep or prefix not in PREFIXES or not kind:
+        raise InputError(f"{where}: tag {tag!r} is neither O nor B-/I-/E-/S- followed by an entity type")
+    return prefix, kind
+
+
+def read_conll(path: Path) -> list[Sentence]:
+    """Sentences of a CoNLL-style file; a line without a tag column is an error naming file:line."""
+    path = Path(path)
+    sentences: list[Sentence] = []
+    tokens, tags, lines = [], [], []
+
+    def flush() -> None:
+        if tokens:
+            sentences.append(Sentence(list(tokens), list(tags), list(lines), str(path)))
+            tokens.clear(), tags.clear(), lines.clear()
+
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                flush()
+                continue
+            if line.startswith("-DOCSTART-"):
+                flush()
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            token, tag = parts[0], parts[-1].strip() if len(parts) > 1 else ""
+            if not token.strip() or not tag:
+                raise InputError(f"{path}:{number}: expected a token and a tag column (token<TAB>tag), "
+                                 f"got {line[:60]!r}")
+            tokens.append(token.strip())
+            tags.append(tag)
+            lines.append(number)
+    flush()
+    return sentences
+
+
+def read_jsonl(path: Path) -> list[Sentence]:
+    """Sentences of a JSONL file with ``tokens`` and ``tags`` per line (an empty sentence is kept)."""
+    path = Path(path)
+    sentences = []
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not JSON ({e.msg})") from None
+            tokens, tags = (row.get(k) if isinstance(row, dict) else None for k in ("tokens", "tags"))
+            if not isinstance(tokens, list) or not isinstance(tags, list):
+                raise InputError(f"{path}:{number}: expected an object with 'tokens' and 'tags' lists")
+            if len(tokens) != len(tags):
+                raise InputError(f"{path}:{number}: {len(tokens)} tokens but {len(tags)} tags")
+            sentences.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], [number] * len(tokens),
+                                      str(path)))
+    return sentences
+
+
+def read_tagged(path: Path) -> list[Sentence]:
+    """Sentences of a tagged file: JSONL by suffix, else CoNLL-style text."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if not path.read_bytes().strip():
+        raise InputError(f"{path}: file is empty")
+    return read_jsonl(path) if path.suffix.lower() in (".jsonl", ".json") else read_conll(path)
+
+
+def _starts_span(prev: tuple[str, str | None], cur: tuple[str, str | None]) -> bool:
+    """Whether an ``I-`` tag ``cur`` after ``prev`` begins a span (does not continue one of its type)."""
+    return prev[1] != cur[1] or prev[0] in ("O", "E", "S")
+
+
+def detect_scheme(sentences: Sequence[Sentence]) -> str:
+    """``bioes`` when E- or S- tags occur; ``iob1`` when some I- tag begins a span and every B- tag follows a
+    span of its own type (B- only separates); else ``iob2``."""
+    i_starts, b_after_other = 0, 0
+    for s in sentences:
+        prev: tuple[str, str | None] = ("O", None)
+        for i, tag in enumerate(s.tags):
+            cur = split_tag(tag, s.where(i))
+            if cur[0] in ("E", "S"):
+                return "bioes"
+            if cur[0] == "I" and _starts_span(prev, cur):
+                i_starts += 1
+            if cur[0] == "B" and (prev[1] != cur[1] or prev[0] == "O"):
+                b_after_other += 1
+            prev = cur
+    return "iob1" if i_starts and not b_after_other else "iob2"
+
+
+def normalize(sentences: Sequence[Sentence], scheme: str = "auto", repair: bool = False) -> Normalized:
+    """The sentences with IOB2 tags.
+
+    IOB1 and BIOES are converted (counted in ``converted``). Under IOB2 (and in converted BIOES) an ``I-X``
+    that does not continue an X span is an error naming file:line, or becomes ``B-X`` with ``repair``
+    (counted in ``repaired``).
+    """
+    if scheme not in SCHEMES:
+        raise InputError(f"tag scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    read_as = detect_scheme(sentences) if scheme == "auto" else scheme
+    out, repaired, converted = [], 0, 0
+    for s in sentences:
+        tags, prev = [], ("O", None)
+        for i, tag in enumerate(s.tags):
+            prefix, kind = split_tag(tag, s.where(i))
+            if read_as != "bioes" and prefix in ("E", "S"):
+                raise InputError(f"{s.where(i)}: tag {tag!r} is BIOES, but the tag scheme is {read_as}")
+            if prefix in ("E", "S"):
+                new = ("B" if prefix == "S" else "I", kind)
+                converted += 1
+            elif prefix == "I" and _starts_span(prev, (prefix, kind)):
+                if read_as == "iob1":
+                    converted += 1
+                elif repair:
+                    repaired += 1
+                else:
+                    raise InputError(f"{s.where(i)}: {tag} does not continue a {kind} span (IOB2 starts every span "
+                                     f"with B-{kind}); fix the tag, pass --tag-scheme iob1 if the file is IOB1, or "
+                                     "--repair-tags to make it B-")
+                new = ("B", kind)
+            else:
+                new = (prefix, kind)
+            tags.append("O" if new[0] == "O" else f"{new[0]}-{new[1]}")
+            prev = (prefix, kind)
+        out.append(Sentence(s.tokens, tags, s.lines, s.source))
+    return Normalized(out, read_as, repaired, converted)
+
+
+def spans(tags: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(first token, end token exclusive, type) of each entity in an IOB2 tag sequence; a stray I-X (as a
+    model may predict) begins a span, as seqeval's default mode reads it."""
+    out: list[tuple[int, int, str]] = []
+    start, kind = None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, t = tag.partition("-")
+        if start is not None and (prefix != "I" or t != kind):
+            out.append((start, i, kind))
+            start, kind = None, None
+        if prefix in ("B", "I") and start is None:
+            start, kind = i, t
+    return out
+
+
+def entity_counts(sentences: Sequence[Sentence]) -> dict[str, int]:
+    """Entities per type (IOB2 tags), sorted by type."""
+    counts = Counter(kind for s in sentences for _, _, kind in spans(s.tags))
+    return dict(sorted(counts.items()))
+
+
+def tag_names(sentences: Sequence[Sentence]) -> list[str]:
+    """The tag set: O first, then B-/I- of each type, types sorted (ids follow this order)."""
+    kinds = sorted({t.partition("-")[2] for s in sentences for t in s.tags if t != "O"})
+    return ["O", *(f"{p}-{k}" for k in kinds for p in ("B", "I"))]
+
+
+def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity-level precision / recall / F1 with exact span match, as fractions: seqeval's default mode (the
+    conlleval definition the field publishes) at the top and per type, with micro and macro averages; the same
+    under seqeval's strict IOB2 mode in ``strict``."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    if len(true_tags) != len(pred_tags) or any(len(a) != len(b) for a, b in zip(true_tags, pred_tags)):
+        raise ValueError("true and predicted tags must have the same sentences and lengths")
+    true, pred = [list(t) for t in true_tags], [list(p) for p in pred_tags]
+
+    def report(**kw: Any) -> dict[str, Any]:
+        rows = classification_report(true, pred, output_dict=True, zero_division=0, **kw)
+        per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                        "f1": float(v["f1-score"]), "support": int(v["support"])}
+                    for k, v in rows.items() if not k.endswith(" avg")}
+        avg = {name.split()[0]: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                                 "f1": float(v["f1-score"]), "support": int(v["support"])}
+               for name, v in rows.items() if name.endswith(" avg")}
+        micro = avg.get("micro", {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0})
+        return {"entity_precision": micro["precision"], "entity_recall": micro["recall"], "entity_f1": micro["f1"],
+                "macro_f1": avg.get("macro", {}).get("f1", 0.0), "per_type": per_type, "averages": avg}
+
+    default = report()
+    strict = report(mode="strict", scheme=IOB2)
+    return {**default, "sentences": len(true), "strict": strict}

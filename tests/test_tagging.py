@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from cluster.settings import get_settings
+from jobs.errors import InputError
+from jobs.tagging import (Sentence, detect_scheme, entity_counts, entity_metrics, normalize, read_tagged, spans,
+                          tag_names)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_conll_reader_skips_docstart_and_takes_the_last_column(tmp_path):
+    path = write(tmp_path, "a.conll", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+                 "German JJ B-NP B-MISC\n\n\t\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n")
+    sentences = read_tagged(path)
+    assert [s.tokens for s in sentences] == [["EU", "rejects", "German"], ["Peter", "Blackburn"]]
+    assert sentences[0].tags == ["B-ORG", "O", "B-MISC"] and sentences[1].lines == [8, 9]
+
+
+def test_a_line_without_its_tag_column_is_an_error_naming_file_and_line(tmp_path):
+    path = write(tmp_path, "a.conll", "Hello\tO\nworld\n")
+    with pytest.raises(InputError, match=r"a\.conll:2: expected a token and a tag column .*'world'"):
+        read_tagged(path)
+
+
+def test_iob2_stray_inside_tag_is_an_error_or_repaired_and_counted(tmp_path):
+    path = write(tmp_path, "a.conll", "in\tO\nNew\tI-location\nYork\tI-location\n\nvisit\tO\nParis\tB-location\n")
+    sentences = read_tagged(path)
+    with pytest.raises(InputError, match=r"a\.conll:2: I-location does not continue a location span"):
+        normalize(sentences, "iob2")
+    fixed = normalize(sentences, "iob2", repair=True)
+    assert fixed.sentences[0].tags == ["O", "B-location", "I-location"] and fixed.repaired == 1
+    assert detect_scheme(sentences) == "iob2"  # a B- after O: the file means IOB2, the stray I- is a mistake
+
+
+def test_iob1_and_bioes_are_converted_to_iob2():
+    iob1 = [Sentence(["a", "b", "c", "d"], ["I-PER", "I-PER", "B-PER", "O"], source="x")]
+    assert detect_scheme(iob1) == "iob1"
+    out = normalize(iob1)
+    assert out.scheme == "iob1" and out.sentences[0].tags == ["B-PER", "I-PER", "B-PER", "O"] and out.converted == 1
+    bioes = [Sentence(list("abcd"), ["S-LOC", "B-ORG", "E-ORG", "O"], source="x")]
+    out = normalize(bioes)
+    assert out.scheme == "bioes" and out.sentences[0].tags == ["B-LOC", "B-ORG", "I-ORG", "O"]
+    with pytest.raises(InputError, match=r"x \(token 1\): tag 'S-LOC' is BIOES, but the tag scheme is iob2"):
+        normalize(bioes, "iob2")
+    with pytest.raises(InputError, match="tag 'PER' is neither O nor"):
+        normalize([Sentence(["a"], ["PER"], source="x")])
+    with pytest.raises(InputError, match="tag scheme 'bilou' is not one of"):
+        normalize(bioes, "bilou")
+
+
+def test_jsonl_keeps_an_empty_sentence_and_rejects_mismatched_lengths(tmp_path):
+    path = write(tmp_path, "a.jsonl", json.dumps({"tokens": ["Hi", "Ann"], "tags": ["O", "B-person"]}) + "\n"
+                 + json.dumps({"tokens": [], "tags": []}) + "\n")
+    sentences = read_tagged(path)
+    assert [len(s.tokens) for s in sentences] == [2, 0]
+    bad = write(tmp_path, "b.jsonl", json.dumps({"tokens": ["Hi"], "tags": []}) + "\n")
+    with pytest.raises(InputError, match=r"b\.jsonl:1: 1 tokens but 0 tags"):
+        read_tagged(bad)
+    with pytest.raises(InputError, match="file is empty"):
+        read_tagged(write(tmp_path, "c.jsonl", "\n"))
+
+
+def test_spans_counts_and_tag_names():
+    tags = ["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-LOC", "I-LOC"]
+    assert spans(tags) == [(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "LOC"), (5, 7, "LOC")]
+    sentences = [Sentence(list("abcdefg"), tags)]
+    assert entity_counts(sentences) == {"LOC": 3, "PER": 1}
+    assert tag_names(sentences) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+def test_entity_metrics_default_mode_and_strict_mode_differ_on_a_stray_inside_tag():
+    true = [["B-PER", "I-PER", "O", "B-LOC"]]
+    pred = [["I-PER", "I-PER", "O", "O"]]  # default mode reads I-PER I-PER as the PER span; strict does not
+    m = entity_metrics(true, pred)
+    assert m["per_type"]["PER"]["f1"] == 1.0 and m["per_type"]["LOC"]["recall"] == 0.0
+    assert m["entity_precision"] == 1.0 and m["entity_recall"] == 0.5
+    assert m["entity_f1"] == pytest.approx(2 / 3)
+    assert m["strict"]["entity_f1"] == 0.0 and m["macro_f1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same sentences and lengths"):
+        entity_metrics(true, [["O"]])
+
+
+def test_wnut17_reads_and_normalizes_with_every_entity_counted():
+    root = get_settings().data_root / "wnut17"
+    if not (root / "train.conll").is_file():
+        pytest.skip("WNUT-17 reference data not here")
+    sentences = read_tagged(root / "train.conll")
+    out = normalize(sentences)
+    assert out.scheme == "iob2" and len(out.sentences) > 3000
+    counts = entity_counts(out.sentences)
+    assert set(counts) == {"corporation", "creative-work", "group", "location", "person", "product"}
+    assert sum(counts.values()) == sum(t.startswith("B-") for s in out.sentences for t in s.tags)
