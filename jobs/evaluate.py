@@ -20,7 +20,7 @@ from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.inference import load_inference_model
 from jobs.prepare import load_prepared, read_split
-from jobs.tasks import get_task
+from jobs.tasks import sequence_task
 
 log = logging.getLogger("slimray.evaluate")
 
@@ -43,6 +43,7 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     from sklearn.metrics import classification_report
 
     info = load_prepared(data_dir)
+    task = sequence_task(info["task"], "slimray evaluate")
     rows = read_split(data_dir, split)
     model = load_inference_model(model_dir)
     names = model.labels
@@ -52,7 +53,7 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     name_to_id = {n: i for i, n in enumerate(names)}
     y_true = np.array([name_to_id[n] for n in rows["label"]])
     y_pred = model.logits(rows["text"], batch_size).argmax(-1)
-    metrics = {"split": split, **get_task(info["task"]).metrics(y_true, y_pred, names)}
+    metrics = {"split": split, **task.metrics(y_true, y_pred, names)}
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     report = classification_report(y_true, y_pred, labels=present, target_names=[names[i] for i in present],
                                    digits=4, zero_division=0)

@@ -665,11 +665,11 @@ def check_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     node can read (the URI itself, or the shared path) and the splits it holds.
     """
     from jobs.modeling import resolve_model
-    from jobs.tasks import get_task
+    from jobs.tasks import sequence_task
 
     data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
-    get_task(data_manifest["task"])
+    sequence_task(data_manifest["task"], "slimray finetune")
     resolve_model(cfg.model)  # a bad model path fails here, before any worker starts
     splits = [s for s in ("train", "validation", "test") if (data_dir / f"{s}.parquet").is_file()]
     if "validation" not in splits:

@@ -15,7 +15,7 @@ import logging
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ class PrepareConfig(StrictModel):
                         "test.*), or a Hugging Face dataset id")
     out: Location = Field(description="Output folder (written atomically): a path, or a storage URI "
                           "(s3://bucket/path, gs://bucket/path) every node can read")
-    task: str = Field(default="intent", description="Task name from the registry (intent, sentiment)")
+    task: str = Field(default="intent", description="Task name from the registry (intent, sentiment, ner)")
     text_column: str | None = Field(default=None, description="Text column (default: guessed from common names)")
     label_column: str | None = Field(default=None, description="Label column (default: guessed from common names)")
     column_names: list[str] | None = Field(
@@ -55,6 +55,11 @@ class PrepareConfig(StrictModel):
     tokenizer: NameOrPath = Field(default="minilm", description="Tokenizer used to choose the maximum sequence length")
     length_percentile: float = Field(default=99.0, gt=0, le=100,
                                      description="Max sequence length = this percentile of train token lengths")
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = Field(
+        default="auto", description="ner: tag scheme of the files (auto: BIOES if E-/S- tags occur, IOB1 if I- "
+        "starts spans and B- only separates them, else IOB2); every scheme is stored as IOB2")
+    repair_tags: bool = Field(default=False, description="ner: an IOB2 I-X that does not continue an X span "
+                              "becomes B-X (counted in the manifest) instead of an error naming file:line")
     seed: int = Field(default=0, description="Seed of every shuffle and split")
     overwrite: bool = Field(default=False, description="Replace an existing output folder")
 
@@ -259,6 +264,8 @@ def write_splits(staging: Path, texts: Texts, labels: Labels, label_names: list[
 def main(cfg: PrepareConfig) -> Path | str:
     task = get_task(cfg.task)
     check_can_write(cfg.out, cfg.overwrite)
+    if task.kind == "tagging":
+        return prepare_tagged(cfg, task)
     tables, inputs = load_source(cfg.source, cfg.column_names)
     rng = np.random.default_rng(cfg.seed)
 
@@ -289,6 +296,129 @@ def main(cfg: PrepareConfig) -> Path | str:
         ))
     log.info("prepared %s: %s; %d labels; max_length %d", cfg.out,
              ", ".join(f"{s} {i['rows']}" for s, i in splits_info.items()), len(label_names), lengths["max_length"])
+    return cfg.out
+
+
+def tagged_sources(source: str) -> tuple[dict[str, Path], list[dict]]:
+    """The tagged files of ``source`` (a file: train; a folder: its train / dev / test files) and their
+    provenance."""
+    from jobs.artifacts import file_sha256
+    from jobs.sources import find_split_files
+    from jobs.tagging import TAGGED_FORMATS
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = find_split_files(path, TAGGED_FORMATS)
+    elif path.is_file():
+        files = {"train": path}
+    else:
+        raise InputError(f"source {source!r} does not exist (expected a CoNLL / JSONL file or a folder of split "
+                         "files such as train.conll, dev.conll, test.conll)")
+    inputs = [{"split": s, "path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
+              for s, p in files.items()]
+    return files, inputs
+
+
+def word_length_stats(sentences: list, tokenizer_name: str, percentile: float) -> dict:
+    """``token_length_stats`` for pre-split words; sentences over the chosen length are windowed later."""
+    tokenizer = load_tokenizer(tokenizer_name)
+    lengths = np.array([len(ids) for ids in tokenizer([s.tokens for s in sentences], is_split_into_words=True,
+                                                     truncation=False)["input_ids"]])
+    cap = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    chosen = min(max(int(np.ceil(np.percentile(lengths, percentile) / 8) * 8), 8), cap)
+    return {"max_length": chosen, "tokenizer": tokenizer_name, "percentile": percentile,
+            "token_lengths": {"p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
+                              "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())},
+            "train_sentences_over_max_length": int((lengths > chosen).sum())}
+
+
+def prepare_tagged(cfg: PrepareConfig, task: Task) -> Path | str:
+    """``main`` for tagging data: read, normalise to IOB2, clean, split, drop leaks, write.
+
+    Splits hold ``text`` (the words joined by single spaces), ``tokens``, ``tags`` and ``tag_ids``;
+    ``labels.json`` is the tag set (O, then B-/I- per type); the manifest counts entities per type per split.
+    """
+    from jobs.tagging import clean_sentences, entity_counts, normalize, read_tagged, tag_names
+
+    files, inputs = tagged_sources(cfg.source)
+    read = {split: read_tagged(path) for split, path in files.items()}
+    scheme = cfg.tag_scheme
+    if scheme == "auto":  # one scheme for every file, detected on all of them
+        from jobs.tagging import detect_scheme
+
+        scheme = detect_scheme([s for sentences in read.values() for s in sentences])
+    sentences, dropped, conflicts, fixes = {}, {}, {}, {}
+    for split, rows in read.items():
+        normalized = normalize(rows, scheme, cfg.repair_tags)
+        fixes[split] = {"repaired_tags": normalized.repaired, "converted_tags": normalized.converted}
+        sentences[split], dropped[split], conflicts[split] = clean_sentences(normalized.sentences)
+        if not sentences[split]:
+            raise InputError(f"{files[split]}: no sentences left after cleaning ({dict(dropped[split])})")
+    rng = np.random.default_rng(cfg.seed)
+    for split, fraction in (("test", cfg.test_fraction), ("validation", cfg.validation_fraction)):
+        if split in sentences or fraction == 0:
+            continue
+        order = rng.permutation(len(sentences["train"]))
+        k = max(1, int(round(fraction * len(order))))
+        if k >= len(order):
+            raise InputError(f"train has {len(order)} sentences: too few to cut a {split} split from")
+        sentences[split] = [sentences["train"][i] for i in sorted(order[:k])]
+        sentences["train"] = [sentences["train"][i] for i in sorted(order[k:])]
+        dropped.setdefault(split, Counter())
+        log.info("cut a %s split of %d sentences from train", split, k)
+    if cfg.limit:
+        for split in sentences:
+            keep = sorted(rng.permutation(len(sentences[split]))[:cfg.limit])
+            sentences[split] = [sentences[split][i] for i in keep]
+    seen = {" ".join(s.tokens) for s in sentences["train"]}
+    for split in ("validation", "test"):
+        if split in sentences:
+            kept = [s for s in sentences[split] if " ".join(s.tokens) not in seen]
+            reason = "leaked_from_train" if split == "validation" else "leaked_from_train_or_validation"
+            dropped[split][reason] += len(sentences[split]) - len(kept)
+            sentences[split] = kept
+            seen |= {" ".join(s.tokens) for s in kept}
+    names = tag_names(sentences["train"])
+    if len(names) < 3:
+        raise InputError(f"train split has no entity tags (tags: {names}); a tagger needs at least one type")
+    for split in ("validation", "test"):
+        unseen = Counter(t for s in sentences.get(split, []) for t in s.tags if t not in names)
+        if unseen and not cfg.limit:
+            raise InputError(f"{split} split has tags never seen in train: {dict(unseen.most_common(5))} "
+                             "(tag: words); fix the tags or drop those sentences")
+        if unseen:
+            before = len(sentences[split])
+            sentences[split] = [s for s in sentences[split] if set(s.tags) <= set(names)]
+            dropped[split]["tag_not_in_limited_train"] += before - len(sentences[split])
+    sentences["train"] = [sentences["train"][i] for i in rng.permutation(len(sentences["train"]))]
+    lengths = word_length_stats(sentences["train"], cfg.tokenizer, cfg.length_percentile)
+    tag_to_id = {t: i for i, t in enumerate(names)}
+
+    with atomic_dir(cfg.out, cfg.overwrite) as staging:
+        splits_info = {}
+        for split in (s for s in SPLITS if s in sentences):
+            rows = sentences[split]
+            pq.write_table(pa.table({
+                "text": pa.array([" ".join(s.tokens) for s in rows], pa.string()),
+                "tokens": pa.array([s.tokens for s in rows], pa.list_(pa.string())),
+                "tags": pa.array([s.tags for s in rows], pa.list_(pa.string())),
+                "tag_ids": pa.array([[tag_to_id[t] for t in s.tags] for s in rows], pa.list_(pa.int64())),
+            }), staging / f"{split}.parquet")
+            splits_info[split] = {"rows": len(rows), "words": sum(len(s.tokens) for s in rows),
+                                  "entity_counts": entity_counts(rows), **fixes.get(split, {})}
+        write_json(staging / "labels.json", names)
+        with open(staging / "conflicts.jsonl", "w", encoding="utf-8") as f:
+            for split, texts_tags in conflicts.items():
+                for text, variants in texts_tags.items():
+                    f.write(json.dumps({"split": split, "text": text, "tags": variants}) + "\n")
+        write_json(staging / "manifest.json", manifest(
+            "prepare", cfg.model_dump(mode="json"), task=task.name, source=cfg.source, inputs=inputs,
+            labels=names, tag_scheme={"read_as": scheme, "stored_as": "iob2"}, splits=splits_info,
+            dropped={s: dict(c) for s, c in dropped.items()},
+            conflicting_texts={s: len(c) for s, c in conflicts.items()}, **lengths))
+    summary = "; ".join(f"{s} {i['rows']} sentences, entities {i['entity_counts']}" for s, i in splits_info.items())
+    log.info("prepared %s (%s tags read as %s): %s; max_length %d", cfg.out, len(names), scheme, summary,
+             lengths["max_length"])
     return cfg.out
 
 

@@ -68,12 +68,13 @@ def read_table(path: Path, column_names: list[str] | None = None) -> pa.Table:
     return table
 
 
-def find_split_files(folder: Path) -> dict[str, Path]:
-    """``train.*`` (required), ``validation.*``/``valid.*``/``dev.*`` and ``test.*`` in a folder."""
+def find_split_files(folder: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    """``train.*`` (required), ``validation.*``/``valid.*``/``dev.*`` and ``test.*`` in a folder, with a
+    suffix of ``formats``."""
     found: dict[str, Path] = {}
     for split, stems in SPLIT_ALIASES.items():
         for stem in stems:
-            for suffix in FORMATS:
+            for suffix in formats:
                 candidate = folder / f"{stem}{suffix}"
                 if candidate.is_file():
                     if split in found:
@@ -82,7 +83,7 @@ def find_split_files(folder: Path) -> dict[str, Path]:
                     found[split] = candidate
     if "train" not in found:
         files = sorted(p.name for p in folder.iterdir())[:20]
-        raise InputError(f"{folder}: no train split found (expected train{{{','.join(FORMATS)}}}); folder holds {files}")
+        raise InputError(f"{folder}: no train split found (expected train{{{','.join(formats)}}}); folder holds {files}")
     return found
 
 

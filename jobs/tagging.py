@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from jobs.errors import InputError
 
 SCHEMES = ("auto", "iob1", "iob2", "bioes")
-CONLL_SUFFIXES = (".conll", ".conllu", ".iob", ".bio", ".txt")
+TAGGED_FORMATS = (".conll", ".jsonl", ".json", ".iob", ".bio", ".txt", ".tsv")  # split files a folder may hold
 PREFIXES = {"B", "I", "E", "S"}
 
 
@@ -233,3 +233,41 @@ def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Seque
     default = report()
     strict = report(mode="strict", scheme=IOB2)
     return {**default, "sentences": len(true), "strict": strict}
+
+
+def clean_sentences(sentences: Sequence[Sentence]) -> tuple[list[Sentence], Counter, dict[str, list[list[str]]]]:
+    """IOB2 sentences cleaned for training: tokens in Unicode NFC; a token holding whitespace split into
+    words (the words after the first continue its tag: ``I-X``), a blank token dropped with its tag; empty
+    sentences, exact duplicates (same tokens and tags) and sentences whose tokens occur with other tags
+    dropped. Returns (kept, counts of what was split or dropped, conflicting text -> its tag sequences)."""
+    import unicodedata
+
+    dropped: Counter = Counter()
+    seen: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+    order: list[Sentence] = []
+    for s in sentences:
+        tokens, tags, lines = [], [], []
+        for i, token in enumerate(s.tokens):
+            words = unicodedata.normalize("NFC", token).split()
+            if not words:
+                dropped["blank_token"] += 1
+                continue
+            if len(words) > 1:
+                dropped["token_split_at_whitespace"] += 1
+            inside = "O" if s.tags[i] == "O" else "I-" + s.tags[i].partition("-")[2]
+            tokens += words
+            tags += [s.tags[i]] + [inside] * (len(words) - 1)
+            lines += [s.lines[i] if s.lines else 0] * len(words)
+        if not tokens:
+            dropped["empty_sentence"] += 1
+            continue
+        variants = seen.setdefault(tuple(tokens), set())
+        if tuple(tags) in variants:
+            dropped["duplicate"] += 1
+            continue
+        variants.add(tuple(tags))
+        order.append(Sentence(tokens, tags, lines, s.source))
+    conflicting = {t for t, v in seen.items() if len(v) > 1}
+    kept = [s for s in order if tuple(s.tokens) not in conflicting]
+    dropped["conflicting_tags"] += len(order) - len(kept)
+    return kept, dropped, {" ".join(t): sorted(list(v) for v in seen[t]) for t in sorted(conflicting)}

@@ -2,7 +2,7 @@
 
 A task is a plain record of functions; add one by writing its functions and a line in ``TASKS``.
 Sequence tasks (intent, sentiment) share the sequence-classification head and metrics; they differ in how
-raw label values become label names.
+raw label values become label names. The tagging task (ner) labels every word (``jobs.tagging``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class Task:
     head: str  # transformers Auto class name of the model head
     label_column_guesses: tuple[str, ...]
     to_label_names: Callable[[Sequence[Any], str], list[str]]  # (raw values, column name) -> label names
-    metrics: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, Any]]
+    metrics: Callable[[Any, Any, list[str]], dict[str, Any]]  # (true ids, predicted ids, label names)
+    kind: str = "sequence"  # "sequence": one label per text; "tagging": one tag per word
 
 
 def categorical_labels(values: Sequence[Any], column: str) -> list[str]:
@@ -87,6 +88,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
     }
 
 
+def tagging_metrics(true_ids: Sequence[Sequence[int]], pred_ids: Sequence[Sequence[int]],
+                    tag_names: list[str]) -> dict[str, Any]:
+    """Entity-level metrics (``jobs.tagging.entity_metrics``) of per-word tag ids, one list per sentence."""
+    from jobs.tagging import entity_metrics
+
+    def names(rows: Sequence[Sequence[int]]) -> list[list[str]]:
+        return [[tag_names[int(i)] for i in row] for row in rows]
+
+    return entity_metrics(names(true_ids), names(pred_ids))
+
+
 TASKS: dict[str, Task] = {
     "intent": Task(
         name="intent",
@@ -105,6 +117,15 @@ TASKS: dict[str, Task] = {
         to_label_names=sentiment_labels,
         metrics=classification_metrics,
     ),
+    "ner": Task(
+        name="ner",
+        description="Entity tagging: one IOB2 tag per word (CoNLL token<TAB>tag files, or JSONL tokens + tags).",
+        head="AutoModelForTokenClassification",
+        label_column_guesses=("tags",),
+        to_label_names=categorical_labels,
+        metrics=tagging_metrics,
+        kind="tagging",
+    ),
 }
 
 
@@ -113,3 +134,12 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise InputError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
+
+
+def sequence_task(name: str, stage: str) -> Task:
+    """The task, which must label whole texts: ``stage`` does not handle tagging data yet."""
+    task = get_task(name)
+    if task.kind != "sequence":
+        raise InputError(f"the data is prepared for task {name!r} ({task.kind}); {stage} handles only "
+                         f"{', '.join(n for n, t in TASKS.items() if t.kind == 'sequence')} data so far")
+    return task

@@ -96,3 +96,62 @@ def test_wnut17_reads_and_normalizes_with_every_entity_counted():
     counts = entity_counts(out.sentences)
     assert set(counts) == {"corporation", "creative-work", "group", "location", "person", "product"}
     assert sum(counts.values()) == sum(t.startswith("B-") for s in out.sentences for t in s.tags)
+
+
+def test_prepare_ner_from_the_wnut17_folder(tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs.prepare import PrepareConfig, main
+
+    root = get_settings().data_root / "wnut17"
+    if not (root / "train.conll").is_file():
+        pytest.skip("WNUT-17 reference data not here")
+    out = tmp_path / "data"
+    main(PrepareConfig(source=str(root), task="ner", out=str(out)))
+    info = json.loads((out / "manifest.json").read_text())
+    assert info["task"] == "ner" and info["tag_scheme"] == {"read_as": "iob2", "stored_as": "iob2"}
+    assert info["labels"][0] == "O" and len(info["labels"]) == 13
+    assert info["splits"]["train"]["entity_counts"]["person"] > 600 and set(info["splits"]) == {"train", "validation",
+                                                                                                "test"}
+    test = pq.read_table(out / "test.parquet").to_pylist()
+    assert all(r["text"] == " ".join(r["tokens"]) and len(r["tags"]) == len(r["tokens"]) == len(r["tag_ids"])
+               for r in test)
+    assert all(info["labels"][i] == t for r in test for i, t in zip(r["tag_ids"], r["tags"]))
+    assert info["max_length"] >= 8 and "train_sentences_over_max_length" in info
+
+
+def test_prepare_ner_repairs_or_rejects_and_cuts_missing_splits(tmp_path):
+    from jobs.prepare import PrepareConfig, main
+
+    lines = []
+    for i in range(40):
+        lines += [f"see\tO", f"Ann{i}\tB-person", "in\tO", f"Town{i}\t{'I' if i == 3 else 'B'}-location", ""]
+    src = write(tmp_path, "all.conll", "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"all\.conll:19: I-location does not continue a location span"):
+        main(PrepareConfig(source=str(src), task="ner", out=str(tmp_path / "a")))
+    main(PrepareConfig(source=str(src), task="ner", out=str(tmp_path / "b"), repair_tags=True))
+    info = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert info["splits"]["train"]["repaired_tags"] == 1
+    assert sum(info["splits"][s]["rows"] for s in ("train", "validation", "test")) == 40
+    assert sum(info["splits"][s]["entity_counts"]["location"] for s in ("train", "validation", "test")) == 40
+
+
+def test_tagging_data_is_refused_by_the_stages_that_do_not_handle_it_yet():
+    from jobs.tasks import sequence_task
+
+    assert sequence_task("intent", "slimray finetune").kind == "sequence"
+    with pytest.raises(InputError, match=r"prepared for task 'ner' \(tagging\); slimray finetune handles only intent"):
+        sequence_task("ner", "slimray finetune")
+
+
+def test_clean_sentences_splits_tokens_at_whitespace_and_drops_duplicates_and_conflicts():
+    from jobs.tagging import clean_sentences
+
+    rows = [Sentence(["New York", "rocks"], ["B-location", "O"]), Sentence(["New", "York", "rocks"],
+                                                                           ["B-location", "I-location", "O"]),
+            Sentence(["a", "b"], ["O", "O"]), Sentence(["a", "b"], ["B-person", "O"]), Sentence([" "], ["O"])]
+    kept, dropped, conflicts = clean_sentences(rows)
+    assert [s.tokens for s in kept] == [["New", "York", "rocks"]] and kept[0].tags == ["B-location", "I-location", "O"]
+    assert dropped == {"token_split_at_whitespace": 1, "duplicate": 1, "conflicting_tags": 2, "blank_token": 1,
+                       "empty_sentence": 1}
+    assert list(conflicts) == ["a b"]

@@ -37,6 +37,7 @@ from jobs.artifacts import atomic_dir, file_sha256, manifest, read_json, write_j
 from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
+from jobs.tasks import sequence_task
 
 log = logging.getLogger("slimray.compress")
 
@@ -361,6 +362,7 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
 
     model_dir, data_dir = local_copy(cfg.model), local_copy(cfg.data)
     data_manifest = load_prepared(data_dir)
+    sequence_task(data_manifest["task"], "slimray compress")
     for split in ("validation", "test"):
         if not (data_dir / f"{split}.parquet").is_file():
             raise InputError(f"{cfg.data} has no {split} split: compression chooses on validation and reports on "
