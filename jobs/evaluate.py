@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -20,7 +20,7 @@ from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.inference import load_inference_model
 from jobs.prepare import load_prepared, read_split
-from jobs.tasks import sequence_task
+from jobs.tasks import get_task
 
 log = logging.getLogger("slimray.evaluate")
 
@@ -43,9 +43,14 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     from sklearn.metrics import classification_report
 
     info = load_prepared(data_dir)
-    task = sequence_task(info["task"], "slimray evaluate")
-    rows = read_split(data_dir, split)
+    task = get_task(info["task"])
     model = load_inference_model(model_dir)
+    if (model.kind == "tagging") != (task.kind == "tagging"):
+        raise InputError(f"{model_dir} is a {'tagger' if model.kind == 'tagging' else 'text classifier'} but "
+                         f"{data_dir} is prepared for task {task.name!r}")
+    if task.kind == "tagging":
+        return evaluate_tagger(model, data_dir, split, batch_size, task)
+    rows = read_split(data_dir, split)
     names = model.labels
     unknown = sorted(set(rows["label"]) - set(names))
     if unknown:
@@ -60,6 +65,25 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
     return metrics, report
 
 
+def evaluate_tagger(model: Any, data_dir: Path, split: str, batch_size: int, task: Any) -> tuple[dict, str]:
+    """``evaluate`` for an entity tagger: entity-level metrics and seqeval's report (default and strict)."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    rows = read_split(data_dir, split, ("tokens", "tags"))
+    unknown = sorted({t for tags in rows["tags"] for t in tags} - set(model.labels))
+    if unknown:
+        raise InputError(f"{split} split has tags the model does not know: {unknown[:5]}")
+    ids = {n: i for i, n in enumerate(model.labels)}
+    pred = [w.argmax(-1).tolist() for w in model.tag(rows["tokens"], batch_size)]
+    metrics = {"split": split, **task.metrics([[ids[t] for t in tags] for tags in rows["tags"]], pred, model.labels)}
+    pred_tags = [[model.labels[i] for i in row] for row in pred]
+    report = (classification_report(rows["tags"], pred_tags, digits=4, zero_division=0)
+              + "\nstrict (IOB2) mode:\n"
+              + classification_report(rows["tags"], pred_tags, digits=4, zero_division=0, mode="strict", scheme=IOB2))
+    return metrics, report
+
+
 def main(cfg: EvaluateConfig) -> dict:
     import torch
 
@@ -71,7 +95,12 @@ def main(cfg: EvaluateConfig) -> dict:
         check_can_write(cfg.out, cfg.overwrite)
     metrics, report = evaluate(local_copy(cfg.model), local_copy(cfg.data), cfg.split, cfg.batch_size)
     print(report)
-    print(f"{cfg.split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n {metrics['n']}")
+    if "entity_f1" in metrics:
+        print(f"{cfg.split}: entity F1 {metrics['entity_f1']:.4f} (strict {metrics['strict']['entity_f1']:.4f})  "
+              f"precision {metrics['entity_precision']:.4f}  recall {metrics['entity_recall']:.4f}  "
+              f"macro-F1 {metrics['macro_f1']:.4f}  sentences {metrics['n']}")
+    else:
+        print(f"{cfg.split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  n {metrics['n']}")
     if cfg.out is not None:
         with atomic_dir(cfg.out, cfg.overwrite) as staging:
             write_json(staging / "metrics.json", metrics)

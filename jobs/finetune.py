@@ -41,6 +41,7 @@ from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, r
 from jobs.config import Location, NameOrPath, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
+from jobs.tasks import get_task
 
 log = logging.getLogger("slimray.finetune")
 
@@ -292,7 +293,6 @@ def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
     from transformers import get_linear_schedule_with_warmup
 
     from jobs.modeling import load_pretrained_for_training, load_tokenizer
-    from jobs.tasks import get_task
 
     model = load_pretrained_for_training(cfg.model, info["labels"], get_task(info["task"]).head)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -366,8 +366,8 @@ def evaluate_distributed(engine: Any, tokenizer: Any, info: dict[str, Any], max_
     import torch
     import torch.distributed as dist
 
-    from jobs.tasks import get_task
-
+    if get_task(info["task"]).kind == "tagging":
+        return evaluate_tagging_distributed(engine, tokenizer, info, max_length, batch_size, split)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rows = read_split(info["data"], split, columns=("text", "label_id"))
@@ -391,6 +391,49 @@ def evaluate_distributed(engine: Any, tokenizer: Any, info: dict[str, Any], max_
     for idx, p in gathered:
         y_pred[idx] = p
     return get_task(info["task"]).metrics(labels, y_pred, info["labels"])
+
+
+def evaluate_tagging_distributed(engine: Any, tokenizer: Any, info: dict[str, Any], max_length: int,
+                                 batch_size: int, split: str) -> dict[str, Any]:
+    """``evaluate_distributed`` for a tagger: each rank tags a strided slice of sentences, window by window
+    (ranks with fewer windows run padding batches, so that every rank runs as many forwards: ZeRO-3 gathers
+    parameters in each); every word's tag is the argmax at its first piece."""
+    import numpy as np
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from jobs.tagging import encode_windows, word_logits, word_windows
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rows = read_split(info["data"], split, columns=("tokens", "tag_ids"))
+    mine = list(range(rank, len(rows["tokens"]), world))
+    sentences = [rows["tokens"][i] for i in mine]
+    windows = word_windows(tokenizer, sentences, max_length)
+    batches = torch.tensor([math.ceil(len(windows) / batch_size)])
+    dist.all_reduce(batches, op=dist.ReduceOp.MAX)
+    logits: list[np.ndarray] = []
+    engine.eval()
+    with torch.no_grad():
+        for b in range(int(batches.item())):
+            part = windows[b * batch_size:(b + 1) * batch_size] or windows[:1] or word_windows(tokenizer, [["."]],
+                                                                                             max_length)
+            enc = encode_windows(part, tokenizer.pad_token_id)
+            out = engine(**{k: torch.from_numpy(v).to(engine.device) for k, v in enc.items()}).logits.float().cpu()
+            if b * batch_size < len(windows):  # a padding batch is thrown away
+                width = max(len(w.ids) for w in windows)
+                logits += [np.pad(x, ((0, width - x.shape[0]), (0, 0))) for x in out.numpy()]
+    engine.train()
+    stacked = np.stack(logits) if logits else np.zeros((0, 1, len(info["labels"])), np.float32)
+    local = [w.argmax(-1).tolist() for w in word_logits(windows, stacked, [len(s) for s in sentences])]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (mine, local))
+    y_pred: list[list[int]] = [[] for _ in rows["tokens"]]
+    for idx, preds in gathered:
+        for i, p in zip(idx, preds):
+            y_pred[i] = p
+    return get_task(info["task"]).metrics(rows["tag_ids"], y_pred, info["labels"])
 
 
 def save_checkpoint(engine: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -459,17 +502,41 @@ class Meter:
         self.window_start += time.perf_counter() - start
 
 
-def epoch_batches(shard: Any, tokenizer: Any, cfg: FinetuneConfig, plan: Plan, epoch: int, device: Any):
-    """This rank's tokenized batches of one pass over its shard (shuffled per epoch, last partial batch dropped;
-    grouped by length with ``group_by_length``)."""
-    import numpy as np
+def train_columns(info: dict[str, Any]) -> tuple[str, ...]:
+    """The train split's columns the loop reads: text and label id, or a tagger's words and tag ids."""
+
+    return ("text", "tokens", "tag_ids") if get_task(info["task"]).kind == "tagging" else ("text", "label_id")
+
+
+def make_collate(tokenizer: Any, task: Any, max_length: int, device: Any):
+    """Rows (column -> values) to a model batch with ``labels``: one label per text, or, for a tagger, a tag on
+    each word's first piece with long sentences cut into windows (``jobs.tagging.word_windows``)."""
     import torch
 
-    def collate(batch: dict[str, Any]) -> dict[str, Any]:
-        enc = tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=plan.max_length,
+    def sequence(batch: dict[str, Any]) -> dict[str, Any]:
+        enc = tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         enc["labels"] = torch.tensor(batch["label_id"], dtype=torch.long)
         return {k: v.to(device) for k, v in enc.items()}
+
+    def tagging(batch: dict[str, Any]) -> dict[str, Any]:
+        from jobs.tagging import encode_windows, word_windows
+
+        words = [[str(w) for w in row] for row in batch["tokens"]]
+        windows = word_windows(tokenizer, words, max_length)
+        enc = encode_windows(windows, tokenizer.pad_token_id, [list(map(int, t)) for t in batch["tag_ids"]])
+        return {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
+
+    return tagging if task.kind == "tagging" else sequence
+
+
+def epoch_batches(shard: Any, tokenizer: Any, cfg: FinetuneConfig, plan: Plan, epoch: int, device: Any,
+                  info: dict[str, Any]):
+    """This rank's tokenized batches of one pass over its shard (shuffled per epoch, last partial batch dropped;
+    grouped by length with ``group_by_length``)."""
+    import numpy as np
+
+    collate = make_collate(tokenizer, get_task(info["task"]), plan.max_length, device)
 
     # A full shuffle of the shard every epoch: a buffer of a few batches over a file in label order gives
     # batches of two or three labels. Text rows are small (100k rows ~ 10 MB), so the cap is rarely reached.
@@ -485,11 +552,10 @@ def epoch_batches(shard: Any, tokenizer: Any, cfg: FinetuneConfig, plan: Plan, e
         rng = np.random.default_rng(cfg.seed + epoch)
         for group in shard.iter_batches(batch_size=cfg.batch_size * LENGTH_GROUP_BATCHES, batch_format="numpy",
                                         local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed + epoch):
-            texts, labels = list(group["text"]), np.asarray(group["label_id"])
-            lengths = token_lengths(tokenizer, texts, plan.max_length)
+            lengths = token_lengths(tokenizer, list(group["text"]), plan.max_length)
             for idx in length_grouped_batches(lengths, cfg.batch_size, rng, megabatch=LENGTH_GROUP_BATCHES):
                 if len(idx) == cfg.batch_size:  # only the shard's last group can leave a partial batch
-                    yield collate({"text": [texts[i] for i in idx], "label_id": labels[idx]})
+                    yield collate({k: [v[i] for i in idx] for k, v in group.items()})
 
     return grouped()
 
@@ -525,15 +591,17 @@ def log_progress(engine: Any, meter: Meter, state: dict[str, Any], plan: Plan) -
     return row
 
 
-def evaluate_and_checkpoint(engine: Any, evaluate: Any, state: dict[str, Any], epoch_end: bool) -> None:
-    """Scores validation (when ``evaluate`` is given), closes the epoch if it ended, and checkpoints."""
+def evaluate_and_checkpoint(engine: Any, evaluate: Any, state: dict[str, Any], epoch_end: bool,
+                            score: str = "accuracy") -> None:
+    """Scores validation (when ``evaluate`` is given; ``score`` is the task's headline metric), closes the
+    epoch if it ended, and checkpoints."""
     metrics: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     if evaluate:
         val = evaluate("validation")
-        state["history"].append({"step": state["step"], "val_accuracy": val["accuracy"],
-                                 "val_macro_f1": val["macro_f1"]})
-        metrics.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
-        log_rank0("step %d  validation accuracy %.4f  macro-F1 %.4f", state["step"], val["accuracy"],
+        row = {f"val_{score}": val[score], "val_macro_f1": val["macro_f1"]}
+        state["history"].append({"step": state["step"], **row})
+        metrics.update(row)
+        log_rank0("step %d  validation %s %.4f  macro-F1 %.4f", state["step"], score.replace("_", " "), val[score],
                   val["macro_f1"])
     if epoch_end:
         state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
@@ -583,8 +651,9 @@ def final_report(engine: Any, tokenizer: Any, evaluate: Any, cfg: FinetuneConfig
         if rank0:
             write_json(tmp / "train_state.json", state)
             write_json(tmp / "final.json", final)
-        summary = {"step": state["step"], "finished": True, "val_accuracy": val["accuracy"],
-                   "test_accuracy": test["accuracy"] if test else None}
+        score = get_task(info["task"]).score
+        summary = {"step": state["step"], "finished": True, f"val_{score}": val[score],
+                   f"test_{score}": test[score] if test else None}
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank0 else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -610,12 +679,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               plan.world, torch.get_num_threads(), cfg.zero_stage, plan.total_steps, plan.steps_per_epoch,
               cfg.batch_size * plan.world, plan.max_length)
     evaluate = functools.partial(evaluate_distributed, engine, tokenizer, info, plan.max_length, cfg.eval_batch_size)
+    score = get_task(info["task"]).score
     shard, meter = ray.train.get_dataset_shard("train"), Meter(global_batch=cfg.batch_size * plan.world)
     footprints = None  # gathered after the first step, once optimizer states exist
     engine.train()
     while state["step"] < plan.total_steps:
         epoch = state["epoch"]
-        for _ in train_steps(engine, epoch_batches(shard, tokenizer, cfg, plan, epoch, engine.device), state, meter):
+        for _ in train_steps(engine, epoch_batches(shard, tokenizer, cfg, plan, epoch, engine.device, info), state, meter):
             footprints = footprints or gather_footprints(engine, cfg.zero_stage)
             step, last = state["step"], state["step"] == plan.total_steps
             epoch_end = state["batch_in_epoch"] == plan.steps_per_epoch or last
@@ -624,7 +694,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             do_eval = epoch_end or due(step, cfg.eval_every)
             if do_eval or due(step, cfg.checkpoint_every):
                 with meter.paused():  # the log's samples/s counts training only
-                    evaluate_and_checkpoint(engine, evaluate if do_eval else None, state, epoch_end)
+                    evaluate_and_checkpoint(engine, evaluate if do_eval else None, state, epoch_end, score)
             if epoch_end:
                 break
         else:  # the shard ran out before steps_per_epoch batches: count the epoch as done
@@ -665,11 +735,10 @@ def check_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     node can read (the URI itself, or the shared path) and the splits it holds.
     """
     from jobs.modeling import resolve_model
-    from jobs.tasks import sequence_task
 
     data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
-    sequence_task(data_manifest["task"], "slimray finetune")
+    get_task(data_manifest["task"])
     resolve_model(cfg.model)  # a bad model path fails here, before any worker starts
     splits = [s for s in ("train", "validation", "test") if (data_dir / f"{s}.parquet").is_file()]
     if "validation" not in splits:
@@ -693,7 +762,7 @@ def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, n
     # Read before the workers start: with every CPU held by a worker, no read task could run afterwards.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.read_parquet(storage.join(info["data"], "train.parquet")).select_columns(
-        ["text", "label_id"]).materialize()
+        list(train_columns(info))).materialize()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": info},
@@ -717,13 +786,12 @@ def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, n
 def artifact_metrics(final: dict[str, Any], cfg: FinetuneConfig, started: float) -> dict[str, Any]:
     """metrics.json: the test split's scores (validation's when there is no test split) and how the run went."""
     evaluated = final["test"] or final["validation"]
+    headline = [k for k in ("accuracy", "macro_f1", "n", "entity_f1", "entity_precision", "entity_recall")
+                if k in final["validation"]]
     return {
         "split": "test" if final["test"] else "validation",
-        "accuracy": evaluated["accuracy"],
-        "macro_f1": evaluated["macro_f1"],
-        "n": evaluated["n"],
-        "per_class": evaluated["per_class"],
-        "validation": {k: final["validation"][k] for k in ("accuracy", "macro_f1", "n")},
+        **evaluated,  # accuracy, macro_f1, n, per_class; a tagger's entity_f1, per_type, strict... too
+        "validation": {k: final["validation"][k] for k in headline},
         "train_samples_per_s": final["train_samples_per_s"],
         "wall_s": round(time.time() - started, 1),
         "steps": final["step"],
@@ -802,8 +870,9 @@ def main(cfg: FinetuneConfig) -> Path | str:
 
     with atomic_dir(out, cfg.overwrite) as staging, result.checkpoint.as_directory() as ckpt:
         metrics = write_artifact(staging, Path(ckpt), out, cfg, data_dir, info, name, started)
-    log.info("wrote %s: %s accuracy %.4f, macro-F1 %.4f (%d steps, %.0f s)", out, metrics["split"],
-             metrics["accuracy"], metrics["macro_f1"], metrics["steps"], metrics["wall_s"])
+    score = get_task(info["task"]).score
+    log.info("wrote %s: %s %s %.4f, macro-F1 %.4f (%d steps, %.0f s)", out, metrics["split"], score.replace("_", " "),
+             metrics[score], metrics["macro_f1"], metrics["steps"], metrics["wall_s"])
     return out
 
 

@@ -44,14 +44,37 @@ class InferenceModel:
     max_length: int
     tokenizer: Any
     forward: Callable[[dict[str, np.ndarray]], np.ndarray]
+    kind: str = "sequence"  # "tagging": a token-classification model (``tag``, not ``logits``)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors="np"))
 
     def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(texts, labels) logits of a sequence classifier."""
+        if self.kind != "sequence":
+            raise InputError(f"{self.path} is an entity tagger: it tags words (tag), it does not label texts")
         out = [self.forward(self.encode(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def tag(self, sentences: Sequence[Sequence[str]], batch_size: int = 64) -> list[np.ndarray]:
+        """Per sentence (a list of words), the (words, tags) logits at each word's first piece; a sentence
+        longer than ``max_length`` is tagged window by window (``jobs.tagging.word_windows``)."""
+        from jobs.tagging import encode_windows, word_logits, word_windows
+
+        if self.kind != "tagging":
+            raise InputError(f"{self.path} labels whole texts (logits); it is not an entity tagger")
+        windows = word_windows(self.tokenizer, sentences, self.max_length)
+        width = max((len(w.ids) for w in windows), default=1)
+        rows = []
+        for i in range(0, len(windows), batch_size):
+            batch = encode_windows(windows[i:i + batch_size], self.tokenizer.pad_token_id)
+            if "token_type_ids" in self.tokenizer.model_input_names:  # an exported graph may take them
+                batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+            out = self.forward(batch)
+            rows += [np.pad(x, ((0, width - x.shape[0]), (0, 0))) for x in out]
+        stacked = np.stack(rows) if rows else np.zeros((0, width, len(self.labels)), np.float32)
+        return word_logits(windows, stacked, [len(s) for s in sentences])
 
 
 def _torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -76,10 +99,10 @@ def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = Tru
     import transformers
     from safetensors.torch import load_file
 
-    from jobs.modeling import apply_layer_shapes
+    from jobs.modeling import apply_layer_shapes, head_class
 
     config = transformers.AutoConfig.from_pretrained(path)
-    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model = head_class(config).from_config(config)
     if info.get("layer_shapes"):
         apply_layer_shapes(model, info["layer_shapes"])
     if load_weights:
@@ -155,5 +178,6 @@ def load_inference_model(path: str | Path, threads: int | None = None) -> Infere
     labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
     max_length = info.get("max_length") or model_max_length(path) or min(
         int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    tagger = any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or [])
     return InferenceModel(path=path, backend=backend, labels=labels, max_length=int(max_length),
-                          tokenizer=tokenizer, forward=forward)
+                          tokenizer=tokenizer, forward=forward, kind="tagging" if tagger else "sequence")

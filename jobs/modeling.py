@@ -64,8 +64,17 @@ def load_pretrained_for_training(name_or_path: str, label_names: list[str], head
         raise InputError(f"cannot load model {name_or_path!r}: {str(e)[:300]}") from None
 
 
+def head_class(config: Any) -> Any:
+    """The transformers Auto class of a fine-tuned artifact's head: token classification for a tagger, else
+    sequence classification (read from ``config.architectures``)."""
+    import transformers
+
+    tagger = any(str(a).endswith("ForTokenClassification") for a in (getattr(config, "architectures", None) or []))
+    return transformers.AutoModelForTokenClassification if tagger else transformers.AutoModelForSequenceClassification
+
+
 def load_classifier(path: str | Path) -> tuple[Any, Any]:
-    """Loads a fine-tuned classifier artifact (model in eval mode, tokenizer).
+    """Loads a fine-tuned classifier or tagger artifact (model in eval mode, tokenizer).
 
     Raises InputError if the folder is missing or is not a fine-tuned classifier (no label names).
     """
@@ -78,7 +87,7 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     id2label = getattr(config, "id2label", None) or {}
     if not id2label or all(str(v).startswith("LABEL_") for v in id2label.values()):
         raise InputError(f"{str(path)!r} is not a fine-tuned classifier: its config has no label names (id2label)")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+    model = head_class(config).from_pretrained(path)
     model.eval()
     return model, load_tokenizer(path)
 

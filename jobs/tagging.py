@@ -271,3 +271,93 @@ def clean_sentences(sentences: Sequence[Sentence]) -> tuple[list[Sentence], Coun
     kept = [s for s in order if tuple(s.tokens) not in conflicting]
     dropped["conflicting_tags"] += len(order) - len(kept)
     return kept, dropped, {" ".join(t): sorted(list(v) for v in seen[t]) for t in sorted(conflicting)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Words to model input: the first piece of each word carries its tag (the others are ignored in the loss and
+# in predictions); a sentence whose pieces do not fit ``max_length`` is cut into consecutive windows of whole
+# words, so that every word is trained on and predicted once.
+
+IGNORE = -100  # label of pieces that are not a word's first (torch's cross-entropy ignore_index)
+
+
+@dataclass(frozen=True)
+class Window:
+    sentence: int  # index of the sentence in the batch
+    first_word: int  # index of the window's first word in the sentence
+    ids: tuple[int, ...]  # input ids, special tokens included
+    starts: tuple[int, ...]  # position in ``ids`` of each word's first piece (one per word of the window)
+
+
+def word_windows(tokenizer: Any, sentences: Sequence[Sequence[str]], max_length: int) -> list[Window]:
+    """The windows of each sentence (an empty sentence has none): consecutive words whose pieces, with the
+    special tokens, fit ``max_length``; a single word longer than that keeps its first pieces, and a word
+    the tokenizer makes no piece of reads as the unknown token. Words become pieces as
+    ``is_split_into_words`` makes them (a fast tokenizer's word ids find each word's first piece)."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if room < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for a word beside the special tokens")
+    filled = [i for i, s in enumerate(sentences) if len(s)]
+    if not filled:
+        return []
+    enc = tokenizer([list(sentences[i]) for i in filled], is_split_into_words=True, add_special_tokens=False)
+    cuts: list[tuple[int, int, int]] = []  # (sentence, first word, end word) of each window
+    words: list[list[str]] = []
+    for row, si in enumerate(filled):
+        counts = [0] * len(sentences[si])
+        for word in enc.word_ids(row):
+            if word is not None:
+                counts[word] += 1
+        sentence = [w if counts[k] else tokenizer.unk_token for k, w in enumerate(sentences[si])]
+        counts = [min(max(c, 1), room) for c in counts]
+        start = 0
+        while start < len(counts):
+            end, used = start, 0
+            while end < len(counts) and (end == start or used + counts[end] <= room):
+                used += counts[end]
+                end += 1
+            cuts.append((si, start, end))
+            words.append(sentence[start:end])
+            start = end
+    full = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    out = []
+    for r, (si, start, end) in enumerate(cuts):
+        starts: dict[int, int] = {}
+        for pos, word in enumerate(full.word_ids(r)):
+            if word is not None and word not in starts:
+                starts[word] = pos
+        out.append(Window(si, start, tuple(full["input_ids"][r]), tuple(starts[k] for k in range(end - start))))
+    return out
+
+
+def encode_windows(windows: Sequence[Window], pad_id: int, tags: Sequence[Sequence[int]] | None = None
+                   ) -> dict[str, Any]:
+    """A padded numpy batch of ``windows``: input_ids, attention_mask and, given each sentence's tag ids,
+    ``labels`` (the tag on each word's first piece, ``IGNORE`` elsewhere)."""
+    import numpy as np
+
+    width = max((len(w.ids) for w in windows), default=0)
+    ids = np.full((len(windows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(windows), width), dtype=np.int64)
+    labels = np.full((len(windows), width), IGNORE, dtype=np.int64)
+    for r, w in enumerate(windows):
+        ids[r, :len(w.ids)] = w.ids
+        mask[r, :len(w.ids)] = 1
+        if tags is not None:
+            labels[r, list(w.starts)] = tags[w.sentence][w.first_word:w.first_word + len(w.starts)]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if tags is not None:
+        batch["labels"] = labels
+    return batch
+
+
+def word_logits(windows: Sequence[Window], logits: Any, lengths: Sequence[int]) -> list[Any]:
+    """Per sentence, the (words, tags) logits at each word's first piece, put back together from the windows;
+    ``logits`` is (windows, pieces, tags) and ``lengths`` the words of each sentence."""
+    import numpy as np
+
+    classes = logits.shape[-1]
+    out = [np.zeros((n, classes), dtype=np.float32) for n in lengths]
+    for r, w in enumerate(windows):
+        out[w.sentence][w.first_word:w.first_word + len(w.starts)] = logits[r, list(w.starts)]
+    return out

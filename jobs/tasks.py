@@ -28,6 +28,7 @@ class Task:
     to_label_names: Callable[[Sequence[Any], str], list[str]]  # (raw values, column name) -> label names
     metrics: Callable[[Any, Any, list[str]], dict[str, Any]]  # (true ids, predicted ids, label names)
     kind: str = "sequence"  # "sequence": one label per text; "tagging": one tag per word
+    score: str = "accuracy"  # the metrics key reported first (logs, history, the run's summary)
 
 
 def categorical_labels(values: Sequence[Any], column: str) -> list[str]:
@@ -90,13 +91,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
 
 def tagging_metrics(true_ids: Sequence[Sequence[int]], pred_ids: Sequence[Sequence[int]],
                     tag_names: list[str]) -> dict[str, Any]:
-    """Entity-level metrics (``jobs.tagging.entity_metrics``) of per-word tag ids, one list per sentence."""
+    """Entity-level metrics (``jobs.tagging.entity_metrics``) of per-word tag ids, one list per sentence, and
+    the share of words tagged right (``accuracy``: mostly O, so it says little)."""
     from jobs.tagging import entity_metrics
 
     def names(rows: Sequence[Sequence[int]]) -> list[list[str]]:
         return [[tag_names[int(i)] for i in row] for row in rows]
 
-    return entity_metrics(names(true_ids), names(pred_ids))
+    words = sum(len(row) for row in true_ids)
+    right = sum(int(a == b) for t, p in zip(true_ids, pred_ids) for a, b in zip(t, p))
+    return {**entity_metrics(names(true_ids), names(pred_ids)), "accuracy": right / words if words else 0.0,
+            "n": len(true_ids)}
 
 
 TASKS: dict[str, Task] = {
@@ -125,6 +130,7 @@ TASKS: dict[str, Task] = {
         to_label_names=categorical_labels,
         metrics=tagging_metrics,
         kind="tagging",
+        score="entity_f1",
     ),
 }
 

@@ -85,6 +85,48 @@ def sample_data(tmp_path_factory) -> Path:
     return out
 
 
+def write_tagged_sample(path: Path, sentences: int = 240, seed: int = 0) -> Path:
+    """A small CoNLL file of templated sentences with person / location / bank entities (seeded): enough
+    signal for a tiny tagger to learn in a few steps; some sentences are long, so that training windows them."""
+    import random
+
+    rng = random.Random(seed)
+    people = ["Ann Lee", "Omar Haddad", "Mei Chen", "John", "Priya Nair", "Lukas Berg", "Sara", "Diego Ruiz"]
+    places = ["Leeds", "Lisbon", "New York", "Osaka", "Cape Town", "Quito", "Oslo", "San Jose"]
+    banks = ["Harbor Lane Bank", "Northwind", "Monzo", "First Fidelity"]
+    templates = ["i met {person} in {location}", "{person} moved to {location} last year",
+                 "can {person} open an account at {bank}", "is there a {bank} branch in {location}",
+                 "send money from {location} to {person} please", "{bank} froze my card while i was in {location}"]
+    filler = "and then nothing else happened at all for quite a long time".split()
+    lines = []
+    for i in range(sentences):
+        words: list[tuple[str, str]] = []
+        for part in rng.choice(templates).split():
+            if part.startswith("{"):
+                kind = part.strip("{}")
+                names = {"person": people, "location": places, "bank": banks}[kind].copy()
+                for k, w in enumerate(rng.choice(names).split()):
+                    words.append((w, ("B-" if k == 0 else "I-") + kind))
+            else:
+                words.append((part, "O"))
+        if i % 5 == 0:
+            words += [(w, "O") for w in filler]
+        lines += [f"{w}\t{t}" for w, t in words] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tagged_data(tmp_path_factory) -> Path:
+    """``write_tagged_sample``, prepared for --task ner (splits cut from it)."""
+    from jobs.prepare import PrepareConfig, main
+
+    root = tmp_path_factory.mktemp("tagged")
+    out = root / "data"
+    main(PrepareConfig(source=str(write_tagged_sample(root / "sample.conll")), task="ner", out=out, seed=0))
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_session(isolated_network, tmp_path_factory):
     """One embedded Ray cluster for every integration test; storage in a temp folder."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs.errors import InputError
-from jobs.inference import build_torch_model, load_inference_model
+from jobs.inference import build_torch_model, load_inference_model, softmax
 from jobs.modeling import load_tokenizer
 from jobs.prepare import read_split
 from tuning.compress import (CompressConfig, NoCandidateError, SearchSpace, check_inputs, choose, default_points, main,
@@ -197,14 +197,20 @@ def test_the_fused_onnx_graph_agrees_with_the_unfused_one(tiny_classifier, sampl
                  == onnx_argmax(tmp_path / f"{name}-plain.onnx", cand.tokenizer, unseen)).mean()
         assert agree >= 0.99, f"{name}: fp32 fused agrees with unfused on {agree:.1%} of {len(unseen)} texts"
     # The int8 artifacts, through the loader serving uses: each records its graph and quantization.
+    # Quantization noise may flip a near tie of this small model (either graph: 1.1% of texts in one CI run),
+    # not a decision the fp32 model makes with a clear margin.
     int8 = {}
     for backend in ("onnx-int8", "onnx-int8-unfused"):
         save_candidate(quantize(base, ctx, backend=backend), tmp_path / backend, 64)
         info = json.loads((tmp_path / backend / "slimray_model.json").read_text())
         assert info["quantization"] == "dynamic int8" and bool(info["fused"]) == (backend == "onnx-int8"), info
         int8[backend] = load_inference_model(tmp_path / backend, threads=1).logits(every).argmax(-1)
-    agree = (int8["onnx-int8"] == int8["onnx-int8-unfused"]).mean()
-    assert agree >= 0.99, f"int8 fused agrees with int8 unfused on {agree:.1%} of {len(every)} texts"
+    probs = np.sort(softmax(load_inference_model(tiny_classifier, threads=1).logits(every)), axis=1)
+    clear = probs[:, -1] - probs[:, -2] >= 0.1
+    agree = (int8["onnx-int8"] == int8["onnx-int8-unfused"])
+    assert clear.mean() >= 0.5, f"only {clear.mean():.1%} of texts have a clear fp32 decision"
+    assert agree[clear].mean() >= 0.99, (f"int8 fused agrees with int8 unfused on {agree[clear].mean():.1%} of "
+                                         f"{clear.sum()} clear decisions ({agree.mean():.1%} of all {len(every)})")
 
 
 def row(tid, acc, f1, lat, size):

@@ -125,7 +125,7 @@ def test_prepare_ner_repairs_or_rejects_and_cuts_missing_splits(tmp_path):
 
     lines = []
     for i in range(40):
-        lines += [f"see\tO", f"Ann{i}\tB-person", "in\tO", f"Town{i}\t{'I' if i == 3 else 'B'}-location", ""]
+        lines += ["see\tO", f"Ann{i}\tB-person", "in\tO", f"Town{i}\t{'I' if i == 3 else 'B'}-location", ""]
     src = write(tmp_path, "all.conll", "\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"all\.conll:19: I-location does not continue a location span"):
         main(PrepareConfig(source=str(src), task="ner", out=str(tmp_path / "a")))
@@ -155,3 +155,57 @@ def test_clean_sentences_splits_tokens_at_whitespace_and_drops_duplicates_and_co
     assert dropped == {"token_split_at_whitespace": 1, "duplicate": 1, "conflicting_tags": 2, "blank_token": 1,
                        "empty_sentence": 1}
     assert list(conflicts) == ["a b"]
+
+
+def test_windows_cover_every_word_once_and_label_only_first_pieces():
+    import numpy as np
+
+    from jobs.modeling import load_tokenizer
+    from jobs.tagging import IGNORE, encode_windows, word_logits, word_windows
+
+    tok = load_tokenizer("minilm")
+    long = [f"word{i}" for i in range(50)] + ["Blackburnshire", "😀", "\u200b"]
+    sentences = [long, [], ["Hello", "@user", "https://t.co/x"]]
+    tags = [list(range(len(s))) for s in sentences]
+    windows = word_windows(tok, sentences, 16)
+    assert max(len(w.ids) for w in windows) <= 16 and len([w for w in windows if w.sentence == 0]) > 3
+    covered = sorted((w.sentence, w.first_word + k) for w in windows for k in range(len(w.starts)))
+    assert covered == [(s, k) for s in (0, 2) for k in range(len(sentences[s]))]  # every word once, in order
+    batch = encode_windows(windows, tok.pad_token_id, tags)
+    labelled = batch["labels"][batch["labels"] != IGNORE]
+    assert sorted(labelled.tolist()) == sorted(t for s in tags for t in s)
+    assert (batch["attention_mask"].sum(1) == [len(w.ids) for w in windows]).all()
+    logits = np.zeros((*batch["input_ids"].shape, 60), dtype=np.float32)
+    for r, w in enumerate(windows):  # a fake model that predicts each word's own index
+        for k, pos in enumerate(w.starts):
+            logits[r, pos, w.first_word + k] = 1.0
+    words = word_logits(windows, logits, [len(s) for s in sentences])
+    assert [w.argmax(-1).tolist() for w in words] == tags
+    with pytest.raises(ValueError, match="leaves no room"):
+        word_windows(tok, sentences, 2)
+
+
+@pytest.mark.integration
+def test_finetune_a_tagger_on_ray_train_with_windows_and_entity_metrics(ray_session, tagged_data, tiny_encoder,
+                                                                        sample_data, tmp_path):
+    from transformers import AutoConfig
+
+    from jobs.evaluate import evaluate
+    from jobs.finetune import FinetuneConfig, main
+
+    out = tmp_path / "ner"
+    main(FinetuneConfig(data=tagged_data, out=out, model=str(tiny_encoder), workers=2, zero_stage=2, epochs=6,
+                        batch_size=8, lr=1e-3, warmup_ratio=0.0, max_length=12, eval_batch_size=16, log_every=5))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and 0 <= metrics["entity_f1"] <= 1
+    assert set(metrics["per_type"]) == {"bank", "location", "person"} and "entity_f1" in metrics["strict"]
+    assert metrics["entity_f1"] > 0.5, metrics  # templated entities: a tiny tagger learns them in a few epochs
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert any("val_entity_f1" in row for row in history)
+    assert AutoConfig.from_pretrained(out).architectures == ["BertForTokenClassification"]
+    # The single-process evaluation (windows of the recorded max_length, as served) scores what training did.
+    evaluated, report = evaluate(out, tagged_data, "test")
+    assert evaluated["entity_f1"] == pytest.approx(metrics["entity_f1"], abs=1e-6)
+    assert "strict (IOB2) mode" in report and "person" in report
+    with pytest.raises(InputError, match="is a tagger but .* is prepared for task 'intent'"):
+        evaluate(out, sample_data, "test")
