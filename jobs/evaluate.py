@@ -57,7 +57,7 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
         raise InputError(f"{split} split has labels the model does not know: {unknown[:5]}")
     name_to_id = {n: i for i, n in enumerate(names)}
     y_true = np.array([name_to_id[n] for n in rows["label"]])
-    y_pred = model.logits(rows["text"], batch_size).argmax(-1)
+    y_pred = model.logits(rows["text"], batch_size, by_length=True).argmax(-1)
     metrics = {"split": split, **task.metrics(y_true, y_pred, names)}
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     report = classification_report(y_true, y_pred, labels=present, target_names=[names[i] for i in present],

@@ -50,10 +50,21 @@ class InferenceModel:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors="np"))
 
-    def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """(texts, labels) logits of a sequence classifier."""
+    def logits(self, texts: Sequence[str], batch_size: int = 64, by_length: bool = False) -> np.ndarray:
+        """(texts, labels) logits of a sequence classifier, in batches of ``batch_size`` texts padded to their
+        longest. ``by_length`` first groups texts of similar token length (``jobs.batching.length_buckets``)
+        so that padding costs little; the rows come back in the order of ``texts`` either way."""
         if self.kind != "sequence":
             raise InputError(f"{self.path} is an entity tagger: it tags words (tag), it does not label texts")
+        if by_length and len(texts) > 1:
+            from jobs.batching import length_buckets, token_lengths
+
+            out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+            for group in length_buckets(token_lengths(self.tokenizer, texts, self.max_length)):
+                for i in range(0, len(group), batch_size):
+                    rows = group[i:i + batch_size]
+                    out[rows] = self.forward(self.encode([texts[j] for j in rows]))
+            return out
         out = [self.forward(self.encode(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 

@@ -48,7 +48,7 @@ class Predictor:
         from jobs.inference import softmax
 
         texts = ["" if t is None else str(t) for t in batch[self.text_column]]
-        probs = softmax(self.model.logits(texts, batch_size=len(texts)))
+        probs = softmax(self.model.logits(texts, batch_size=len(texts), by_length=True))
         best = probs.argmax(-1)
         batch["label"] = self.names[best]
         batch["score"] = probs[np.arange(len(best)), best].astype(np.float32)

@@ -329,7 +329,7 @@ def teacher_logits(model_dir: Path, texts: list[str], out: Path, name: str) -> P
     path = out / f"{name}-{key.hexdigest()[:12]}.npy"
     if not path.is_file():
         log.info("teacher logits on %d %s texts (once; cached in %s)", len(texts), name.split("_")[0], path.name)
-        logits = load_inference_model(model_dir).logits(texts, batch_size=64)
+        logits = load_inference_model(model_dir).logits(texts, batch_size=64, by_length=True)
         partial = out / f".{path.name}.partial.npy"
         np.save(partial, logits)
         partial.rename(path)

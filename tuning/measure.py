@@ -47,7 +47,7 @@ def accuracy_f1(model: InferenceModel, texts: Sequence[str], labels: Sequence[st
     """Accuracy and macro-F1 (``jobs.tasks.accuracy_macro_f1``) of ``model`` on texts with label names."""
     name_to_id = {n: i for i, n in enumerate(model.labels)}
     y_true = np.array([name_to_id[n] for n in labels])
-    return accuracy_macro_f1(y_true, model.logits(list(texts), batch_size=64).argmax(-1))
+    return accuracy_macro_f1(y_true, model.logits(list(texts), batch_size=64, by_length=True).argmax(-1))
 
 
 def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,
