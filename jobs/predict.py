@@ -3,7 +3,9 @@
     slimray predict --model runs/b77/ft --input new_messages.csv --output predictions.parquet
 
 The output keeps every input column and adds ``label`` (the predicted name) and ``score`` (its
-probability). Model replicas are Ray Data actors (``--replicas``), each with ``--cpus-per-replica`` threads.
+probability); an entity tagger's output adds ``entities`` instead: per row, ``{start, end, type, text,
+score}`` with character offsets into the text (``jobs.tagging.char_spans``). Model replicas are Ray Data
+actors (``--replicas``), each with ``--cpus-per-replica`` threads.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger("slimray.predict")
 
 
 class PredictConfig(StrictModel):
-    """Label every text of a file with a fine-tuned model, through Ray Data."""
+    """Label every text of a file (or tag its entities) with a fine-tuned model, through Ray Data."""
 
     model: Path = Field(description="Model artifact folder")
     input: Path = Field(description="CSV/TSV/JSONL/parquet file with a text column")
@@ -48,10 +50,26 @@ class Predictor:
         from jobs.inference import softmax
 
         texts = ["" if t is None else str(t) for t in batch[self.text_column]]
+        if self.model.kind == "tagging":
+            return self.tag(batch, texts)
         probs = softmax(self.model.logits(texts, batch_size=len(texts), by_length=True))
         best = probs.argmax(-1)
         batch["label"] = self.names[best]
         batch["score"] = probs[np.arange(len(best)), best].astype(np.float32)
+        return batch
+
+
+    def tag(self, batch: dict[str, np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
+        from jobs.inference import softmax
+        from jobs.tagging import char_spans, split_words
+
+        words = [split_words(t) for t in texts]
+        logits = self.model.tag([[w for w, _, _ in row] for row in words], batch_size=len(texts))
+        entities = np.empty(len(texts), dtype=object)
+        for i, (text, row, lg) in enumerate(zip(texts, words, logits)):
+            probs = softmax(lg) if len(lg) else lg
+            entities[i] = char_spans(text, row, probs.argmax(-1) if len(lg) else [], probs, self.model.labels)
+        batch["entities"] = entities
         return batch
 
 
@@ -109,6 +127,12 @@ def main(cfg: PredictConfig) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_table(result, tmp.with_suffix(tmp.suffix + output.suffix))
     tmp.with_suffix(tmp.suffix + output.suffix).replace(output)
+    if "entities" in result.column_names:
+        from collections import Counter
+
+        kinds = Counter(e["type"] for row in result.column("entities").to_pylist() for e in row or [])
+        log.info("tagged %d rows into %s; entities %s", result.num_rows, output, dict(kinds.most_common()))
+        return output
     counts = dict(zip(*np.unique(result.column("label").to_numpy(zero_copy_only=False), return_counts=True)))
     log.info("labelled %d rows into %s; top labels %s", result.num_rows, output,
              dict(sorted(counts.items(), key=lambda kv: -kv[1])[:5]))

@@ -10,6 +10,7 @@ autoscaling, requests in flight and resources live in ``serve_config.yaml`` only
 """
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -265,6 +266,11 @@ def resolve_paths(args: AppArgs) -> AppArgs:
     for role, folder, _ in _folders(args):
         if not Path(folder).expanduser().is_dir():
             raise InputError(f"{role} model folder {folder!r} does not exist")
+        config = Path(folder).expanduser() / "config.json"
+        if config.is_file() and any(str(a).endswith("ForTokenClassification")
+                                    for a in json.loads(config.read_text()).get("architectures") or []):
+            raise InputError(f"{role} model {folder!r} is an entity tagger; the assistant serves text classifiers "
+                             "(serving a tagger beside one is not built yet)")
     args = args.model_copy(update={key: _local(getattr(args, key))
                                    for key in ("model", "canary_model", "data", "playbook")})
     names = [name for _, _, name in _folders(args)]

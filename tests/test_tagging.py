@@ -209,3 +209,40 @@ def test_finetune_a_tagger_on_ray_train_with_windows_and_entity_metrics(ray_sess
     assert "strict (IOB2) mode" in report and "person" in report
     with pytest.raises(InputError, match="is a tagger but .* is prepared for task 'intent'"):
         evaluate(out, sample_data, "test")
+    # Batch tagging through Ray Data: every row kept (an empty text too), spans with exact offsets.
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from jobs.predict import PredictConfig
+    from jobs.predict import main as predict
+
+    texts = ["i met Ann Lee in Lisbon", " ", "is there a Monzo branch in Oslo?", "nothing here at all"]
+    pacsv.write_csv(pa.table({"id": list(range(4)), "text": texts}), tmp_path / "in.csv")
+    predict(PredictConfig(model=out, input=tmp_path / "in.csv", output=tmp_path / "out.parquet"))
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [0, 1, 2, 3] and rows[1]["entities"] == []
+    found = [(e["type"], e["text"]) for r in rows for e in r["entities"]]
+    assert all(r["text"][e["start"]:e["end"]] == e["text"] for r in rows for e in r["entities"])
+    assert ("location", "Lisbon") in found or ("person", "Ann Lee") in found, found
+
+
+def test_split_words_round_trips_stored_sentences_and_spans_have_exact_offsets():
+    import numpy as np
+
+    from jobs.tagging import char_spans, split_words
+
+    text = 'Moving to  "New York," with @ann 😀 — café in Zürich.'
+    words = split_words(text)
+    assert all(text[s:e] == w for w, s, e in words) and [w for w, _, _ in words][:4] == ["Moving", "to", '"New',
+                                                                                       'York,"']
+    names = ["O", "B-location", "I-location", "B-person", "I-person"]
+    ids = [0, 0, 1, 2, 0, 3, 0, 0, 0, 0, 1]
+    probs = np.full((len(words), len(names)), 0.2)
+    got = char_spans(text, words, ids, probs, names)
+    assert [(e["type"], e["text"]) for e in got] == [("location", "New York"), ("person", "@ann"), ("location", "Zürich.")]
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in got) and got[0]["score"] == pytest.approx(0.2)
+    root = get_settings().data_root / "wnut17"
+    if (root / "test.conll").is_file():
+        sentences = read_tagged(root / "test.conll")
+        assert all([w for w, _, _ in split_words(" ".join(s.tokens))] == s.tokens for s in sentences)
