@@ -246,3 +246,12 @@ def test_split_words_round_trips_stored_sentences_and_spans_have_exact_offsets()
     if (root / "test.conll").is_file():
         sentences = read_tagged(root / "test.conll")
         assert all([w for w, _, _ in split_words(" ".join(s.tokens))] == s.tokens for s in sentences)
+
+
+def test_serving_refuses_a_tagger_in_one_line(tmp_path):
+    from serve_app.app import AppArgs, resolve_paths
+
+    (tmp_path / "ner").mkdir()
+    (tmp_path / "ner" / "config.json").write_text(json.dumps({"architectures": ["BertForTokenClassification"]}))
+    with pytest.raises(InputError, match="primary model .* is an entity tagger"):
+        resolve_paths(AppArgs(model=str(tmp_path / "ner")))
