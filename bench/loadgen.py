@@ -53,6 +53,21 @@ class LoadResult:
                 "p99_ms": float(np.percentile(lat, 99)) if n else float("nan")}
 
 
+def open_loop_summary(result: LoadResult, texts_per_request: int, rate: float) -> dict[str, float]:
+    """An open loop's figures: the target rate, the rate answered inside the window (achieved), and the
+    latency percentiles of every request scheduled in the window, late answers included (a failed or
+    unanswered one counts in ``failed``)."""
+    lo, hi = result.window
+    scheduled = [s for s in result.samples if lo <= s.start < hi]
+    ok = [s for s in scheduled if s.status == 200]
+    lat = np.array([s.latency for s in ok]) * 1000
+    done_in_window = sum(1 for s in ok if s.start + s.latency <= hi)
+    pct = {f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 95, 99)}
+    return {"target_req_per_s": rate, "achieved_req_per_s": done_in_window / (hi - lo) if hi > lo else 0.0,
+            "texts_per_s": done_in_window * texts_per_request / (hi - lo) if hi > lo else 0.0,
+            "requests": len(scheduled), "failed": len(scheduled) - len(ok), **pct}
+
+
 def build_request(path: str, body: bytes, port: int, headers: dict[str, str] | None = None) -> bytes:
     lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
              f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
@@ -110,4 +125,60 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, durati
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     result.window = (t_record, min(t_end, time.perf_counter()))
+    return result
+
+
+async def open_loop(port: int, requests: list[bytes], rate: float, duration_s: float, warmup_s: float = 0.0,
+                    record_header: str = "x-model-replica", timeout_s: float = 60.0,
+                    max_connections: int = 512) -> LoadResult:
+    """Sends requests at a fixed arrival rate (``rate`` per second, evenly spaced) whatever the answers do,
+    over a pool of keep-alive connections (one request in flight per connection, a new connection when all
+    are busy, up to ``max_connections``). Each latency counts from the request's scheduled time, so a
+    server that falls behind is charged for the queue it builds (no coordinated omission).
+
+    The measured window is ``[warmup_s, warmup_s + duration_s]`` after the start; requests scheduled in it
+    are measured (``LoadResult.measured`` takes those that also completed in it: the achieved rate)."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    result = LoadResult()
+    pool = itertools.cycle(requests)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    open_count = 0
+    t_start = time.perf_counter()
+    t_record, t_end = t_start + warmup_s, t_start + warmup_s + duration_s
+    tasks = []
+
+    async def one(scheduled: float, body: bytes) -> None:
+        nonlocal open_count
+        conn = idle.pop() if idle else None
+        try:
+            if conn is None:
+                if open_count >= max_connections:
+                    raise OSError("connection limit reached")
+                open_count += 1
+                conn = await asyncio.open_connection("127.0.0.1", port)
+            conn[1].write(body)
+            status, value = await asyncio.wait_for(_read_response(conn[0], record_header), timeout_s)
+            idle.append(conn)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            status, value = 0, ""
+            if conn is not None:
+                conn[1].close()
+                open_count -= 1
+        result.samples.append(Sample(scheduled, time.perf_counter() - scheduled, status, value))
+
+    i = 0
+    while True:
+        scheduled = t_start + i / rate
+        if scheduled >= t_end:
+            break
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled, next(pool))))
+        i += 1
+    await asyncio.gather(*tasks)
+    for _, writer in idle:
+        writer.close()
+    result.window = (t_record, t_end)
     return result
