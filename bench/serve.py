@@ -4,18 +4,20 @@ with 2 threads on a 2-core machine that anything else uses, OpenMP's barriers ma
 1. raw: the model's own batched forward (tokenization included) in this process: the limit;
 2. plain: a single-process FastAPI/uvicorn server with the same loader and threads, no batching (what a user
    would write instead; a sync route that FastAPI runs in its thread pool, and an async route that runs the
-   forward on the event loop: both are measured and the better one is compared against);
+   forward on the event loop: both are measured and the better one is compared against); and the same
+   server with an in-process micro-batcher (one task drains whatever requests are queued into one
+   length-grouped forward, off the event loop: the strongest simple alternative);
 3. serve: the slimray Serve graph (ingress + batched model replicas): 1 replica x threads (and, with
    threads > 1, as many 1-thread replicas).
 
-Closed-loop load to 127.0.0.1 (bench/loadgen.py) at concurrency 1, 8 and 32, with 1-text and 32-text
+Closed-loop load to 127.0.0.1 (bench/loadgen.py) at concurrency 1, 8, 32 and 64, with 1-text and 32-text
 requests; texts/s, req/s, p50 and p99 for each. Run it in a loopback-only namespace on this machine:
 
     unshare -n sh -c 'ip link set lo up; SLIMRAY_STORAGE_ROOT=runs .venv/bin/python bench/serve.py'
     .venv/bin/python bench/serve.py --model runs/b77/ft --duration-s 5      # any model artifact
 
 Uses the fine-tuned BANKING77 model at <storage_root>/bench/b77-ft when it exists (bench/finetune.py).
-Writes <storage_root>/bench/serve.json. Last line: ``serve_batched_throughput_vs_raw: <ratio>``.
+Writes <storage_root>/bench/serve.json. Last line: ``serve_single_c32_vs_plain: <ratio>``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the plain server's local Body class itself.
@@ -37,7 +39,7 @@ from bench.loadgen import build_request, closed_loop  # noqa: E402
 from cluster.settings import get_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONCURRENCY = (1, 8, 32)
+CONCURRENCY = (1, 8, 32, 64)
 TEXTS_PER_REQUEST = (1, 32)
 
 
@@ -96,7 +98,38 @@ def plain_server_main(model_dir: str, port: int, threads: int, mode: str) -> Non
         probs = softmax(model.logits(body.texts, batch_size=len(body.texts)))
         return {"results": [{"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs]}
 
-    if mode == "sync":
+    if mode == "microbatch":  # the strongest simple alternative: one batcher drains whatever is queued
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def batcher() -> None:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty() and sum(len(t) for t, _ in items) < 64:
+                    items.append(queue.get_nowait())
+                texts = [t for chunk, _ in items for t in chunk]
+                try:  # off the event loop, so that requests keep queueing meanwhile
+                    probs = softmax(await asyncio.to_thread(model.logits, texts, len(texts), True))
+                except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                    for _, future in items:
+                        future.set_exception(e)
+                    continue
+                start = 0
+                for chunk, future in items:
+                    rows = probs[start:start + len(chunk)]
+                    start += len(chunk)
+                    future.set_result({"results": [{"label": labels[int(r.argmax())], "score": float(r.max())}
+                                                   for r in rows]})
+
+        @app.on_event("startup")
+        async def start_batcher() -> None:
+            app.state.batcher = asyncio.create_task(batcher())
+
+        @app.post("/v1/classify")
+        async def classify(body: Body) -> dict:
+            future = asyncio.get_running_loop().create_future()
+            await queue.put((body.texts, future))
+            return await future
+    elif mode == "sync":
         @app.post("/v1/classify")
         def classify(body: Body) -> dict:  # FastAPI runs it in its thread pool
             return answer(body)
@@ -187,7 +220,7 @@ def main() -> None:
     p.add_argument("--duration-s", type=float, default=8.0, help="measured seconds per load point")
     p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each load point")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--plain-server", choices=["sync", "async"], help=argparse.SUPPRESS)
+    p.add_argument("--plain-server", choices=["sync", "async", "microbatch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain_server:
         return plain_server_main(args.model, args.port, args.threads, args.plain_server)
@@ -199,13 +232,14 @@ def main() -> None:
     model_dir = str(Path(model_dir).resolve())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     texts = bench_texts()
-    print(f"model {model_dir}; {args.threads} threads per contender; {os.cpu_count()} CPUs", flush=True)
+    print(f"model {model_dir}; {args.threads} threads per contender; {os.cpu_count()} CPUs; "
+          f"load average before: {os.getloadavg()}", flush=True)
 
     print("  raw forward", flush=True)
     raw = raw_forward(model_dir, args.threads, texts, seconds=args.duration_s)
     print(f"    batch-1 p50 {raw['batch1_p50_ms']:.2f} ms; batch-32 {raw['batch32_texts_per_s']:.1f} texts/s")
     plain = {}
-    for mode in ("sync", "async"):
+    for mode in ("sync", "async", "microbatch"):
         print(f"  plain uvicorn ({mode} route)", flush=True)
         plain[f"plain {mode}"] = run_plain(model_dir, args.threads, mode, args.port + 1, texts, args.duration_s,
                                            args.warmup_s)
@@ -222,26 +256,31 @@ def main() -> None:
     print(f"{'raw forward':<14} {'32':>9} {'-':>4} {'':>8} {raw['batch32_texts_per_s']:>8.1f} "
           f"(batch-1 latency {raw['batch1_p50_ms']:.2f} ms)")
 
-    best_plain_single = max(row(r, 1, 32)["req_per_s"] for r in plain.values())
+    plain_single = max(row(plain[f"plain {m}"], 1, 32)["req_per_s"] for m in ("sync", "async"))
+    micro_single = row(plain["plain microbatch"], 1, 32)["req_per_s"]
     goals = {}
     for name, rows in serve_rows.items():
         batched = max(row(rows, 32, c)["texts_per_s"] for c in CONCURRENCY)
         goals[name] = {
-            "texts_per_s_32_text_requests_vs_raw": batched / raw["batch32_texts_per_s"],
-            "req_per_s_single_c32_vs_plain": row(rows, 1, 32)["req_per_s"] / best_plain_single,
+            "req_per_s_single_c32_vs_plain": row(rows, 1, 32)["req_per_s"] / plain_single,
+            "req_per_s_single_c32_vs_microbatch": row(rows, 1, 32)["req_per_s"] / micro_single,
             "p50_c1_minus_model_batch1_ms": row(rows, 1, 1)["p50_ms"] - raw["batch1_p50_ms"],
+            "texts_per_s_32_text_requests_vs_raw": batched / raw["batch32_texts_per_s"],
         }
-    print("\ngoals: texts/s with 32-text requests >= 0.8 x raw; single-text req/s at c=32 >= 1.5 x plain (better "
-          "mode); p50 at c=1 within 3 ms of the model's batch-1 latency")
+    ceiling = 2 * 1000 / raw["batch1_p50_ms"] if args.threads == 1 else float("nan")
+    print(f"\nceiling (2 x the 1-thread in-process batch-1 rate): {ceiling:.1f} req/s; plain (better route) "
+          f"{plain_single:.1f}, micro-batching {micro_single:.1f} single-text req/s at c=32")
+    print("goals: single-text req/s at c=32 >= 1.2 x plain and >= 0.7 x micro-batching; p50 at c=1 <= the "
+          "model's batch-1 latency + 5 ms; texts/s with 32-text requests >= 0.9 x raw")
     for name, g in goals.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
     out = storage / "bench" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model_dir, "threads": args.threads, "raw": raw, "systems": systems,
-                               "goals": goals}, indent=2))
-    best = max(goals.values(), key=lambda g: g["texts_per_s_32_text_requests_vs_raw"])
-    print(f"serve_batched_throughput_vs_raw: {best['texts_per_s_32_text_requests_vs_raw']:.3f}")
-
+                               "goals": goals, "ceiling_req_per_s": ceiling}, indent=2))
+    best = max(goals.values(), key=lambda g: g["req_per_s_single_c32_vs_plain"])
+    print(f"load average after: {os.getloadavg()}")
+    print(f"serve_single_c32_vs_plain: {best['req_per_s_single_c32_vs_plain']:.3f}")
 
 if __name__ == "__main__":
     main()
