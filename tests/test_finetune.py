@@ -168,6 +168,14 @@ def test_default_epochs_come_from_the_data():
     assert default_epochs(0, 5) == MAX_EPOCHS  # never divides by zero
 
 
+def test_a_taggers_default_epochs_come_from_its_rarest_entity_type():
+    from jobs.finetune import MAX_EPOCHS, MIN_EPOCHS, default_tagging_epochs
+
+    assert default_tagging_epochs({"person": 641, "product": 135}) == 8  # WNUT-17 train
+    assert default_tagging_epochs({"PER": 6600, "MISC": 3438}) == MIN_EPOCHS  # CoNLL-2003-sized
+    assert default_tagging_epochs({"x": 3}) == default_tagging_epochs({}) == MAX_EPOCHS
+
+
 def test_prepare_writes_train_in_a_seeded_order_that_mixes_labels(tmp_path):
     from jobs.prepare import PrepareConfig, main, read_split
 
