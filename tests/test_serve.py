@@ -56,7 +56,7 @@ class FakeScorer:
 
     labels = ["a", "b"]
 
-    def logits(self, texts, batch_size=64):
+    def logits(self, texts, batch_size=64, by_length=False):  # InferenceModel.logits's signature
         out = []
         for t in texts:
             strength = len(t) / 10  # longer text -> more confident
