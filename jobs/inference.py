@@ -189,6 +189,7 @@ def load_inference_model(path: str | Path, threads: int | None = None) -> Infere
     labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
     max_length = info.get("max_length") or model_max_length(path) or min(
         int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
-    tagger = any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or [])
-    return InferenceModel(path=path, backend=backend, labels=labels, max_length=int(max_length),
-                          tokenizer=tokenizer, forward=forward, kind="tagging" if tagger else "sequence")
+    from jobs.modeling import is_tagger
+
+    return InferenceModel(path=path, backend=backend, labels=labels, max_length=int(max_length), tokenizer=tokenizer,
+                          forward=forward, kind="tagging" if is_tagger(config.get("architectures")) else "sequence")

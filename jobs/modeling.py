@@ -64,13 +64,19 @@ def load_pretrained_for_training(name_or_path: str, label_names: list[str], head
         raise InputError(f"cannot load model {name_or_path!r}: {str(e)[:300]}") from None
 
 
+def is_tagger(architectures: Any) -> bool:
+    """Whether a model config's ``architectures`` name a token-classification head (an entity tagger)."""
+    return any(str(a).endswith("ForTokenClassification") for a in architectures or [])
+
+
 def head_class(config: Any) -> Any:
     """The transformers Auto class of a fine-tuned artifact's head: token classification for a tagger, else
     sequence classification (read from ``config.architectures``)."""
     import transformers
 
-    tagger = any(str(a).endswith("ForTokenClassification") for a in (getattr(config, "architectures", None) or []))
-    return transformers.AutoModelForTokenClassification if tagger else transformers.AutoModelForSequenceClassification
+    if is_tagger(getattr(config, "architectures", None)):
+        return transformers.AutoModelForTokenClassification
+    return transformers.AutoModelForSequenceClassification
 
 
 def load_classifier(path: str | Path) -> tuple[Any, Any]:

@@ -58,7 +58,6 @@ class Predictor:
         batch["score"] = probs[np.arange(len(best)), best].astype(np.float32)
         return batch
 
-
     def tag(self, batch: dict[str, np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
         from jobs.inference import softmax
         from jobs.tagging import char_spans, split_words
@@ -67,8 +66,8 @@ class Predictor:
         logits = self.model.tag([[w for w, _, _ in row] for row in words], batch_size=len(texts))
         entities = np.empty(len(texts), dtype=object)
         for i, (text, row, lg) in enumerate(zip(texts, words, logits)):
-            probs = softmax(lg) if len(lg) else lg
-            entities[i] = char_spans(text, row, probs.argmax(-1) if len(lg) else [], probs, self.model.labels)
+            probs = softmax(lg)  # (words, tags); no rows for an empty text
+            entities[i] = char_spans(text, row, probs.argmax(-1), probs, self.model.labels)
         batch["entities"] = entities
         return batch
 

@@ -147,9 +147,11 @@ def extract(table: pa.Table, cfg: PrepareConfig, task: Task, where: str) -> tupl
     return texts, labels
 
 
-def token_length_stats(texts: list[str], tokenizer_name: str, percentile: float) -> dict:
+def token_length_stats(texts: list, tokenizer_name: str, percentile: float, words: bool = False) -> dict:
+    """The max length chosen from train's token lengths; ``words``: ``texts`` are pre-split word lists (a
+    tagger's sentences, which are windowed later when longer)."""
     tokenizer = load_tokenizer(tokenizer_name)
-    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, is_split_into_words=words)["input_ids"]])
     cap = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
     chosen = int(np.ceil(np.percentile(lengths, percentile) / 8) * 8)  # multiples of 8 suit the kernels
     return {
@@ -302,8 +304,7 @@ def main(cfg: PrepareConfig) -> Path | str:
 def tagged_sources(source: str) -> tuple[dict[str, Path], list[dict]]:
     """The tagged files of ``source`` (a file: train; a folder: its train / dev / test files) and their
     provenance."""
-    from jobs.artifacts import file_sha256
-    from jobs.sources import find_split_files
+    from jobs.sources import find_split_files, provenance
     from jobs.tagging import TAGGED_FORMATS
 
     path = Path(source).expanduser()
@@ -314,22 +315,7 @@ def tagged_sources(source: str) -> tuple[dict[str, Path], list[dict]]:
     else:
         raise InputError(f"source {source!r} does not exist (expected a CoNLL / JSONL file or a folder of split "
                          "files such as train.conll, dev.conll, test.conll)")
-    inputs = [{"split": s, "path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
-              for s, p in files.items()]
-    return files, inputs
-
-
-def word_length_stats(sentences: list, tokenizer_name: str, percentile: float) -> dict:
-    """``token_length_stats`` for pre-split words; sentences over the chosen length are windowed later."""
-    tokenizer = load_tokenizer(tokenizer_name)
-    lengths = np.array([len(ids) for ids in tokenizer([s.tokens for s in sentences], is_split_into_words=True,
-                                                     truncation=False)["input_ids"]])
-    cap = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
-    chosen = min(max(int(np.ceil(np.percentile(lengths, percentile) / 8) * 8), 8), cap)
-    return {"max_length": chosen, "tokenizer": tokenizer_name, "percentile": percentile,
-            "token_lengths": {"p50": float(np.percentile(lengths, 50)), "p95": float(np.percentile(lengths, 95)),
-                              "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())},
-            "train_sentences_over_max_length": int((lengths > chosen).sum())}
+    return files, provenance(files)
 
 
 def prepare_tagged(cfg: PrepareConfig, task: Task) -> Path | str:
@@ -338,14 +324,12 @@ def prepare_tagged(cfg: PrepareConfig, task: Task) -> Path | str:
     Splits hold ``text`` (the words joined by single spaces), ``tokens``, ``tags`` and ``tag_ids``;
     ``labels.json`` is the tag set (O, then B-/I- per type); the manifest counts entities per type per split.
     """
-    from jobs.tagging import clean_sentences, entity_counts, normalize, read_tagged, tag_names
+    from jobs.tagging import clean_sentences, detect_scheme, entity_counts, normalize, read_tagged, tag_names
 
     files, inputs = tagged_sources(cfg.source)
     read = {split: read_tagged(path) for split, path in files.items()}
     scheme = cfg.tag_scheme
     if scheme == "auto":  # one scheme for every file, detected on all of them
-        from jobs.tagging import detect_scheme
-
         scheme = detect_scheme([s for sentences in read.values() for s in sentences])
     sentences, dropped, conflicts, fixes = {}, {}, {}, {}
     for split, rows in read.items():
@@ -391,7 +375,9 @@ def prepare_tagged(cfg: PrepareConfig, task: Task) -> Path | str:
             sentences[split] = [s for s in sentences[split] if set(s.tags) <= set(names)]
             dropped[split]["tag_not_in_limited_train"] += before - len(sentences[split])
     sentences["train"] = [sentences["train"][i] for i in rng.permutation(len(sentences["train"]))]
-    lengths = word_length_stats(sentences["train"], cfg.tokenizer, cfg.length_percentile)
+    lengths = token_length_stats([s.tokens for s in sentences["train"]], cfg.tokenizer, cfg.length_percentile,
+                                 words=True)
+    lengths["train_sentences_over_max_length"] = lengths.pop("truncated_train_rows")  # windowed, not truncated
     tag_to_id = {t: i for i, t in enumerate(names)}
 
     with atomic_dir(cfg.out, cfg.overwrite) as staging:

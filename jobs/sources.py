@@ -102,9 +102,13 @@ def load_source(source: str, column_names: list[str] | None = None) -> tuple[dic
         raise InputError(f"source {source!r} does not exist (expected a file, a folder of split files, "
                          "or a Hugging Face dataset id like 'owner/name')")
     tables = {split: read_table(p, column_names) for split, p in files.items()}
-    inputs = [{"split": s, "path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
-              for s, p in files.items()]
-    return tables, inputs
+    return tables, provenance(files)
+
+
+def provenance(files: dict[str, Path]) -> list[dict]:
+    """Split, resolved path, sha256 and size of each input file (the manifest's ``inputs``)."""
+    return [{"split": s, "path": str(p.resolve()), "sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for s, p in files.items()]
 
 
 def _load_hub(dataset_id: str) -> tuple[dict[str, pa.Table], list[dict]]:

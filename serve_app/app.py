@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.settings import get_settings
 from jobs.config import StrictModel
 from jobs.errors import InputError
+from jobs.modeling import is_tagger
 from serve_app.api import Classification, Limits, ModelUnavailable, make_api
 from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook
 
@@ -267,8 +268,7 @@ def resolve_paths(args: AppArgs) -> AppArgs:
         if not Path(folder).expanduser().is_dir():
             raise InputError(f"{role} model folder {folder!r} does not exist")
         config = Path(folder).expanduser() / "config.json"
-        if config.is_file() and any(str(a).endswith("ForTokenClassification")
-                                    for a in json.loads(config.read_text()).get("architectures") or []):
+        if config.is_file() and is_tagger(json.loads(config.read_text()).get("architectures")):
             raise InputError(f"{role} model {folder!r} is an entity tagger; the assistant serves text classifiers "
                              "(serving a tagger beside one is not built yet)")
     args = args.model_copy(update={key: _local(getattr(args, key))
