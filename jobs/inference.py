@@ -87,6 +87,20 @@ class InferenceModel:
         stacked = np.stack(rows) if rows else np.zeros((0, width, len(self.labels)), np.float32)
         return word_logits(windows, stacked, [len(s) for s in sentences])
 
+    def entities(self, texts: Sequence[str], batch_size: int = 64) -> list[list[dict[str, Any]]]:
+        """Per raw text, its entities ``{"start", "end", "type", "text", "score"}`` with character offsets: the
+        text split into words as prepared data stores them (``jobs.tagging.split_words``), tagged, and the
+        tags turned back into spans (``jobs.tagging.char_spans``). Predict and serving both answer with this."""
+        from jobs.tagging import char_spans, split_words
+
+        words = [split_words(t) for t in texts]
+        logits = self.tag([[w for w, _, _ in row] for row in words], batch_size=batch_size)
+        out = []
+        for text, row, lg in zip(texts, words, logits):
+            probs = softmax(lg)  # (words, tags); no rows for an empty text
+            out.append(char_spans(text, row, probs.argmax(-1), probs, self.labels))
+        return out
+
 
 def _torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     import torch

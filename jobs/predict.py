@@ -59,15 +59,9 @@ class Predictor:
         return batch
 
     def tag(self, batch: dict[str, np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
-        from jobs.inference import softmax
-        from jobs.tagging import char_spans, split_words
-
-        words = [split_words(t) for t in texts]
-        logits = self.model.tag([[w for w, _, _ in row] for row in words], batch_size=len(texts))
-        entities = np.empty(len(texts), dtype=object)
-        for i, (text, row, lg) in enumerate(zip(texts, words, logits)):
-            probs = softmax(lg)  # (words, tags); no rows for an empty text
-            entities[i] = char_spans(text, row, probs.argmax(-1), probs, self.model.labels)
+        entities = np.empty(len(texts), dtype=object)  # filled one by one: numpy would nest equal-length lists
+        for i, found in enumerate(self.model.entities(texts, batch_size=len(texts))):
+            entities[i] = found
         batch["entities"] = entities
         return batch
 

@@ -4,8 +4,12 @@
 deployments through handles; unit tests pass an in-process one), so the API is tested without Ray.
 
     POST /v1/classify  {"texts": [...], "top_k": 3}      -> label, score and top-k per text
-    POST /v1/assist    {"message": "...", "slots": {...}} -> intent, confidence, reply, handoff, version
+    POST /v1/assist    {"message": "...", "slots": {...}} -> intent, confidence, reply, handoff, entities
+    POST /v1/entities  {"texts": [...]}                   -> entities with character offsets per text
     GET  /v1/models    versions, traffic, calibration, playbook      GET /healthz     OpenAPI at /docs
+
+Routes exist for the models served: /v1/classify and /v1/assist with an intent model, /v1/entities with an
+entity model (and /v1/assist then carries the message's entities and fills the playbook's entity slots).
 
 Every client error is a 4xx JSON ``{"error": ..., "details": [{"field": ..., "message": ...}]}``; the
 details never echo the request's text. Request texts are never logged.
@@ -13,6 +17,7 @@ details never echo the request's text. Request texts are never logged.
 
 # No `from __future__ import annotations`: FastAPI must see the request classes that make_api defines
 # locally, not their names.
+import asyncio
 import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Protocol
@@ -47,6 +52,15 @@ class Classification:
     replica: str = ""
 
 
+@dataclass
+class Tagging:
+    """The entity model's answer: per text, its entities (``jobs.tagging.char_spans``)."""
+
+    version: str
+    entities: list[list[dict[str, Any]]]
+    replica: str = ""
+
+
 class ModelUnavailable(RuntimeError):
     """No model replica answered in time (answered with 503)."""
 
@@ -55,6 +69,8 @@ class Backend(Protocol):
     """The model side as the API sees it."""
 
     async def classify(self, texts: list[str]) -> Classification: ...
+
+    async def entities(self, texts: list[str]) -> Tagging: ...
 
     async def describe(self) -> dict[str, Any]: ...
 
@@ -89,6 +105,23 @@ class ClassifyResponse(BaseModel):
     results: list[TextResult] = Field(description="One result per input text, in order")
 
 
+class Entity(BaseModel):
+    start: int = Field(description="Offset of its first character in the text")
+    end: int = Field(description="Offset after its last character: text[start:end] == text")
+    type: str = Field(description="Entity type")
+    text: str = Field(description="The entity as written")
+    score: float = Field(description="Mean probability of its words' tags, 0-1")
+
+
+class EntitiesResult(BaseModel):
+    entities: list[Entity] = Field(description="Entities in order of appearance")
+
+
+class EntitiesResponse(BaseModel):
+    model_version: str = Field(description="Entity model version that answered")
+    results: list[EntitiesResult] = Field(description="One result per input text, in order")
+
+
 class AssistResponse(BaseModel):
     intent: str = Field(description="Most likely intent")
     confidence: float = Field(description="Its probability, 0-1")
@@ -99,6 +132,9 @@ class AssistResponse(BaseModel):
     threshold: float = Field(description="Hand-off threshold in force for this model version")
     alternatives: list[Scored] = Field(description="The top_k intents, best first")
     model_version: str = Field(description="Model version that answered")
+    entities: list[Entity] | None = Field(default=None, description="Entities in the message (null when no "
+                                          "entity model is served); they fill the playbook's slots")
+    entity_model_version: str | None = Field(default=None, description="Entity model version that answered")
 
 
 class ErrorDetail(BaseModel):
@@ -111,8 +147,8 @@ class ErrorResponse(BaseModel):
     details: list[ErrorDetail] = Field(default_factory=list, description="One entry per bad field")
 
 
-def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The two request bodies, with this deployment's limits built into their schema."""
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+    """The request bodies (classify, assist, entities), with this deployment's limits built into their schema."""
     Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=limits.max_chars),
                      AfterValidator(_well_formed)]
     TopK = Annotated[StrictInt, Field(ge=1, le=limits.max_top_k, description="How many labels to return")]
@@ -135,7 +171,14 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
             default_factory=dict, max_length=limits.max_slots,
             description="Values for reply templates, e.g. {\"customer_name\": \"Sam\"}")
 
-    return ClassifyRequest, AssistRequest
+    class EntitiesRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid",
+                                  json_schema_extra={"examples": [{"texts": ["is the Leeds branch open?"]}]})
+
+        texts: list[Text] = Field(min_length=1, max_length=limits.max_texts,
+                                  description=f"1-{limits.max_texts} texts of up to {limits.max_chars} characters")
+
+    return ClassifyRequest, AssistRequest, EntitiesRequest
 
 
 def _field(loc: tuple) -> str:
@@ -164,22 +207,25 @@ def _error(status: int, error: str, details: list[dict[str, str]] | None = None,
 
 
 def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), api_token: str | None = None,
-             on_decision: Callable[[Decision, str], None] | None = None) -> FastAPI:
+             on_decision: Callable[[Decision, str], None] | None = None, intents: bool = True,
+             entities: bool = False) -> FastAPI:
     """The FastAPI app of the assistant.
 
     Args:
-        backend: the model side (classification and a description of the model versions).
+        backend: the model side (classification, entities and a description of the model versions).
         playbook: replies per intent.
         limits: request limits.
         api_token: when set, every /v1 route needs ``Authorization: Bearer <token>`` (401 otherwise).
         on_decision: called with each assist decision and the answering version (metrics counters).
+        intents: an intent model is served (/v1/classify, /v1/assist).
+        entities: an entity model is served (/v1/entities; entities and slots in /v1/assist).
     """
-    ClassifyRequest, AssistRequest = request_models(limits)
+    ClassifyRequest, AssistRequest, EntitiesRequest = request_models(limits)
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in [
         (400, "Body that is not UTF-8 JSON"), (401, "Missing or wrong bearer token"),
         (422, "Invalid request: the details name each bad field"), (503, "No model replica could answer")]}
     api = FastAPI(title="slimray assistant", version="1",
-                  description="Intent classification and assistant replies, served by Ray Serve.")
+                  description="Intent classification, entity tagging and assistant replies, served by Ray Serve.")
     bearer = HTTPBearer(auto_error=False, description="Needed when the server has an API token")
 
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -202,35 +248,52 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
     async def _unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
         return _error(503, f"model unavailable: {exc}", headers={"Retry-After": "1"})
 
-    def tag(response: Response, result: Classification) -> None:
+    def tag(response: Response, result: Classification | Tagging) -> None:
         response.headers["x-model-version"] = result.version
         if result.replica:
             response.headers["x-model-replica"] = result.replica
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=[Depends(authorized)],
-              summary="Label texts: label, score and the top-k labels per text")
-    async def classify(body: ClassifyRequest, response: Response) -> ClassifyResponse:
-        result = await backend.classify(body.texts)
-        tag(response, result)
-        return ClassifyResponse(model_version=result.version, results=[
-            TextResult(label=top[0][0], score=top[0][1],
-                       top_k=[Scored(label=label, score=score) for label, score in top[:body.top_k]])
-            for top in result.top])
+    if intents:
+        @api.post("/v1/classify", response_model=ClassifyResponse, responses=errors,
+                  dependencies=[Depends(authorized)], summary="Label texts: label, score and the top-k labels per text")
+        async def classify(body: ClassifyRequest, response: Response) -> ClassifyResponse:
+            result = await backend.classify(body.texts)
+            tag(response, result)
+            return ClassifyResponse(model_version=result.version, results=[
+                TextResult(label=top[0][0], score=top[0][1],
+                           top_k=[Scored(label=label, score=score) for label, score in top[:body.top_k]])
+                for top in result.top])
 
-    @api.post("/v1/assist", response_model=AssistResponse, responses=errors, dependencies=[Depends(authorized)],
-              summary="Answer a customer message: intent, reply, and whether a human takes over")
-    async def assist(body: AssistRequest, response: Response) -> AssistResponse:
-        result = await backend.classify([body.message])
-        tag(response, result)
-        top = result.top[0]
-        decision = decide(playbook, top[0][0], top[0][1], result.threshold, body.slots, result.version)
-        if on_decision is not None:
-            on_decision(decision, result.version)
-        return AssistResponse(
-            intent=decision.intent, confidence=decision.confidence, reply=decision.reply, handoff=decision.handoff,
-            handoff_reason=decision.handoff_reason, threshold=result.threshold,
-            alternatives=[Scored(label=label, score=score) for label, score in top[:body.top_k]],
-            model_version=result.version)
+        @api.post("/v1/assist", response_model=AssistResponse, responses=errors,
+                  dependencies=[Depends(authorized)], summary="Answer a customer message: intent, reply, and whether a human takes over")
+        async def assist(body: AssistRequest, response: Response) -> AssistResponse:
+            if entities:  # both models at once: the message waits for the slower of the two, not their sum
+                result, found = await asyncio.gather(backend.classify([body.message]),
+                                                     backend.entities([body.message]))
+            else:
+                result, found = await backend.classify([body.message]), None
+            tag(response, result)
+            top = result.top[0]
+            spans = found.entities[0] if found is not None else None
+            decision = decide(playbook, top[0][0], top[0][1], result.threshold, body.slots, result.version, spans)
+            if on_decision is not None:
+                on_decision(decision, result.version)
+            return AssistResponse(
+                intent=decision.intent, confidence=decision.confidence, reply=decision.reply,
+                handoff=decision.handoff, handoff_reason=decision.handoff_reason, threshold=result.threshold,
+                alternatives=[Scored(label=label, score=score) for label, score in top[:body.top_k]],
+                model_version=result.version, entities=None if spans is None else [Entity(**e) for e in spans],
+                entity_model_version=None if found is None else found.version)
+
+    if entities:
+        @api.post("/v1/entities", response_model=EntitiesResponse, responses=errors,
+                  dependencies=[Depends(authorized)],
+                  summary="Find entities: type, text, score and character offsets per text")
+        async def find_entities(body: EntitiesRequest, response: Response) -> EntitiesResponse:
+            result = await backend.entities(body.texts)
+            tag(response, result)
+            return EntitiesResponse(model_version=result.version, results=[
+                EntitiesResult(entities=[Entity(**e) for e in row]) for row in result.entities])
 
     @api.get("/v1/models", responses={401: errors[401]}, dependencies=[Depends(authorized)],
              summary="Model versions, traffic fractions, hand-off calibration, batching and playbook")

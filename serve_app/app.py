@@ -1,6 +1,11 @@
 """The Serve graph: one FastAPI ingress that also runs the assistant, and one model deployment per version.
 
     HTTP -> Ingress (validation, auth, canary split, playbook, hand-off) -> Model / CanaryModel (batched)
+                                                                          -> EntityModel (batched)
+
+The intent model (``Model``, with an optional ``CanaryModel``) and the entity tagger (``EntityModel``) are
+separate deployments, each batched and autoscaled on its own; either may be served alone, and with both an
+assist message goes to the two in parallel.
 
 ``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``): Serve
 calls it with the YAML's ``args`` (``serve deploy``), or with the args ``serve_app.run.deploy`` puts there.
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -28,12 +33,12 @@ from cluster.settings import get_settings
 from jobs.config import StrictModel
 from jobs.errors import InputError
 from jobs.modeling import is_tagger
-from serve_app.api import Classification, Limits, ModelUnavailable, make_api
-from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook
+from serve_app.api import Classification, Limits, ModelUnavailable, Tagging, make_api
+from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook, slot_types
 
 log = logging.getLogger("slimray.serve")
 
-INGRESS, MODEL, CANARY = "Ingress", "Model", "CanaryModel"
+INGRESS, MODEL, CANARY, ENTITY = "Ingress", "Model", "CanaryModel", "EntityModel"
 
 
 class BatchKnobs(StrictModel):
@@ -57,12 +62,16 @@ class RoutingKnobs(StrictModel):
 class AppArgs(StrictModel):
     """Arguments of ``build_app``: which model versions to serve and how the assistant behaves."""
 
-    model: str = Field(description="Model artifact folder of the primary version (fine-tuned or compressed; "
-                       "any backend jobs.inference loads)")
+    model: str | None = Field(default=None, description="Intent model: artifact folder of the primary version "
+                              "(fine-tuned or compressed; any backend jobs.inference loads)")
     version: str | None = Field(default=None, description="Name of the primary version (default: folder name)")
     canary_model: str | None = Field(default=None, description="Model folder of a second version that gets "
                                      "routing.canary_fraction of the traffic")
     canary_version: str | None = Field(default=None, description="Name of the canary version (default: folder name)")
+    entity_model: str | None = Field(default=None, description="Entity tagger's artifact folder (a --task ner "
+                                     "fine-tune or compression): adds /v1/entities and fills playbook slots")
+    entity_version: str | None = Field(default=None, description="Name of the entity model's version "
+                                       "(default: folder name)")
     data: str | None = Field(default=None, description="Prepared data folder: calibrates, on its validation split, "
                              "a version that has no calibration.json")
     target_precision: float = Field(default=0.9, gt=0, le=1, description="Precision the automatic answers must "
@@ -72,17 +81,25 @@ class AppArgs(StrictModel):
     playbook: str | None = Field(default=None, description="Playbook YAML (default: playbook.yaml in the model "
                                  "folder or in its training data's source folder; else generated replies)")
     threads: int = Field(default=1, ge=1, description="torch (or ONNX Runtime) threads per model replica")
-    max_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify request")
+    max_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify or /v1/entities request")
     max_chars: int = Field(default=1000, ge=1, description="Longest text accepted, in characters")
     max_top_k: int = Field(default=5, ge=1, description="Largest top_k a request may ask for")
     retries: int = Field(default=3, ge=0, description="Retries of a model call whose replica died (requests "
                          "are idempotent)")
     routing: RoutingKnobs = Field(default_factory=RoutingKnobs, description="Initial ingress knobs "
                                   "(a user_config in the Serve YAML replaces them)")
-    batching: BatchKnobs = Field(default_factory=BatchKnobs, description="Initial model knobs "
-                                 "(a user_config in the Serve YAML replaces them)")
+    batching: BatchKnobs = Field(default_factory=BatchKnobs, description="Initial knobs of every model "
+                                 "deployment (a user_config in the Serve YAML replaces them)")
     api_token: SecretStr | None = Field(default=None, description="Bearer token for /v1 routes; prefer the "
                                         "SLIMRAY_API_TOKEN setting (flags show in the process list, YAML in git)")
+
+    @model_validator(mode="after")
+    def _some_model(self) -> "AppArgs":
+        if self.model is None and self.entity_model is None:
+            raise ValueError("give model (an intent classifier), entity_model (an entity tagger) or both")
+        if self.canary_model is not None and self.model is None:
+            raise ValueError("canary_model is a second version of the intent model: give model too")
+        return self
 
 
 @dataclass(frozen=True)
@@ -90,9 +107,10 @@ class Version:
     """One served model version: what the ingress routes to and ``/v1/models`` describes."""
 
     version: str  # its name in answers (model_version, x-model-version)
-    role: Literal["primary", "canary"]
+    role: Literal["primary", "canary", "entity"]
     model_dir: str  # absolute path of the model artifact
-    calibration: dict[str, Any]  # "threshold" and "source"; precision, coverage, n... when calibrated
+    calibration: dict[str, Any]  # "threshold" and "source"; precision, coverage, n... when calibrated; {} for
+    # the entity model (it hands nothing off)
 
     @property
     def threshold(self) -> float:
@@ -107,56 +125,85 @@ def _texts_in(chunks: list[list[str]]) -> int:
     return sum(len(c) for c in chunks)
 
 
-@serve.deployment  # named MODEL or CANARY by build_app
-class ModelServer:
-    """One model version: tokenization and forward pass, batched across requests by ``@serve.batch``."""
+class BatchedModel:
+    """What both model deployments share: the artifact loaded once per replica, live batch knobs, and requests
+    cut into chunks of at most ``max_batch_size`` texts that ``@serve.batch`` merges across requests into one
+    forward pass (``_run``, on a worker thread)."""
 
-    def __init__(self, version: Version, threads: int, max_top_k: int):
+    def __init__(self, version: Version, threads: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool fights torch's
         from jobs.inference import load_inference_model
 
         self.model = load_inference_model(version.model_dir, threads=threads)
-        self.version, self.threads, self.max_top_k = version.version, threads, max_top_k
+        self.version, self.threads = version.version, threads
         self.labels = np.array(self.model.labels, dtype=object)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.knobs = BatchKnobs()
-        self.model.logits(["warm-up"])  # first forward allocates; keep it off the first request
+        self._run(["warm-up"])  # first forward allocates; keep it off the first request
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.knobs = BatchKnobs.model_validate(user_config or {})
         self._batched.set_max_batch_size(self.knobs.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.knobs.batch_wait_timeout_s)
 
-    async def classify(self, texts: list[str]) -> tuple[list[list[tuple[str, float]]], str]:
-        """Top labels with probabilities per text, best first; and this replica's id."""
+    async def _answer(self, texts: list[str]) -> tuple[list[Any], str]:
+        """``_run``'s answer per text, in order, through the batcher; and this replica's id."""
         size = self.knobs.max_batch_size
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
         parts = await asyncio.gather(*(self._batched(chunk) for chunk in chunks))
-        return [top for part in parts for top in part], self.replica
+        return [row for part in parts for row in part], self.replica
 
     @serve.batch(max_batch_size=_BATCH_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=_BATCH_DEFAULTS.batch_wait_timeout_s, batch_size_fn=_texts_in)
-    async def _batched(self, chunks: list[list[str]]) -> list[list[list[tuple[str, float]]]]:
+    async def _batched(self, chunks: list[list[str]]) -> list[list[Any]]:
         flat = [text for chunk in chunks for text in chunk]
-        top = await asyncio.to_thread(self._top, flat)  # the loop keeps queueing the next batch meanwhile
+        rows = await asyncio.to_thread(self._run, flat)  # the loop keeps queueing the next batch meanwhile
         out, start = [], 0
         for chunk in chunks:
-            out.append(top[start:start + len(chunk)])
+            out.append(rows[start:start + len(chunk)])
             start += len(chunk)
         return out
 
-    def _top(self, texts: list[str]) -> list[list[tuple[str, float]]]:
-        from jobs.inference import softmax
-
-        probs = softmax(self.model.logits(texts, batch_size=len(texts)))  # (B, labels)
-        idx = np.argsort(-probs, axis=1)[:, :self.max_top_k]  # (B, k)
-        return [list(zip(self.labels[row].tolist(), probs[i, row].astype(float).tolist()))
-                for i, row in enumerate(idx)]
+    def _run(self, texts: list[str]) -> list[Any]:
+        raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.model.backend, "labels": len(self.labels), "max_length": self.model.max_length,
-                "threads": self.threads, "replica": self.replica,
+        return {"backend": self.model.backend, "labels": len(self.labels),
+                "max_length": self.model.max_length, "threads": self.threads, "replica": self.replica,
                 "batching": self.knobs.model_dump()}
+
+
+@serve.deployment  # named MODEL or CANARY by build_app
+class ModelServer(BatchedModel):
+    """One intent model version: top labels with probabilities per text."""
+
+    def __init__(self, version: Version, threads: int, max_top_k: int):
+        self.max_top_k = max_top_k
+        BatchedModel.__init__(self, version, threads)
+
+    async def classify(self, texts: list[str]) -> tuple[list[list[tuple[str, float]]], str]:
+        """Top labels with probabilities per text, best first; and this replica's id."""
+        return await self._answer(texts)
+
+    def _run(self, texts: list[str]) -> list[list[tuple[str, float]]]:
+        from jobs.inference import softmax
+
+        labels = self.labels
+        probs = softmax(self.model.logits(texts, batch_size=len(texts)))  # (B, labels)
+        idx = np.argsort(-probs, axis=1)[:, :self.max_top_k]  # (B, k)
+        return [list(zip(labels[row].tolist(), probs[i, row].astype(float).tolist())) for i, row in enumerate(idx)]
+
+
+@serve.deployment(name=ENTITY)
+class EntityServer(BatchedModel):
+    """The entity tagger: per text, its entities with character offsets (``InferenceModel.entities``)."""
+
+    async def entities(self, texts: list[str]) -> tuple[list[list[dict[str, Any]]], str]:
+        """Entities per text, in order of appearance; and this replica's id."""
+        return await self._answer(texts)
+
+    def _run(self, texts: list[str]) -> list[list[dict[str, Any]]]:
+        return self.model.entities(texts, batch_size=len(texts))
 
 
 @serve.deployment(name=INGRESS)
@@ -164,12 +211,14 @@ class ModelServer:
 class Ingress:
     """HTTP ingress and assistant: routes each request to a version, then applies the playbook."""
 
-    def __init__(self, primary: DeploymentHandle, canary: DeploymentHandle | None, versions: list[Version],
-                 playbook: Playbook, playbook_source: str, limits: Limits, retries: int, api_token: str | None):
+    def __init__(self, primary: DeploymentHandle | None, canary: DeploymentHandle | None, versions: list[Version],
+                 entity: DeploymentHandle | None, entity_version: Version | None, playbook: Playbook,
+                 playbook_source: str, limits: Limits, retries: int, api_token: str | None):
         from ray.serve.metrics import Counter
 
-        self.handles = [primary] + ([canary] if canary is not None else [])
+        self.handles = [h for h in (primary, canary) if h is not None]
         self.versions, self.retries = versions, retries
+        self.entity, self.entity_version = entity, entity_version
         self.playbook, self.playbook_source = playbook, playbook_source
         self.limits = limits
         self.api_token = api_token
@@ -183,7 +232,8 @@ class Ingress:
         self.knobs = RoutingKnobs.model_validate(user_config or {})
 
     def __serve_build_asgi_app__(self):
-        return make_api(self, self.playbook, self.limits, self.api_token, self._count)
+        return make_api(self, self.playbook, self.limits, self.api_token, self._count, intents=bool(self.handles),
+                        entities=self.entity is not None)
 
     def _count(self, decision: Decision, version: str) -> None:
         self.intents.inc(tags={"intent": decision.intent, "model_version": version})
@@ -195,33 +245,46 @@ class Ingress:
         override = self.knobs.handoff_threshold
         return version.threshold if override is None else override
 
-    async def classify(self, texts: list[str]) -> Classification:
-        """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
+    async def _call(self, handle: DeploymentHandle, method: str, version: str, texts: list[str]) -> Any:
+        """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent)."""
         import ray.exceptions
 
-        i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
-        version = self.versions[i]
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                top, replica = await self.handles[i].classify.remote(texts)
-                break
+                return await getattr(handle, method).remote(texts)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 error = e
-                log.warning("model %s replica failed (attempt %d): %s", version.version, attempt + 1,
-                            type(e).__name__)
+                log.warning("model %s replica failed (attempt %d): %s", version, attempt + 1, type(e).__name__)
                 await asyncio.sleep(0.1 * 2 ** attempt)
-        else:
-            raise ModelUnavailable(f"{version.version}: {type(error).__name__}")
+        raise ModelUnavailable(f"{version}: {type(error).__name__}")
+
+    async def classify(self, texts: list[str]) -> Classification:
+        """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
+        i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
+        version = self.versions[i]
+        top, replica = await self._call(self.handles[i], "classify", version.version, texts)
         return Classification(version=version.version, threshold=self._threshold(version), top=top, replica=replica)
+
+    async def entities(self, texts: list[str]) -> Tagging:
+        """Backend.entities: the entity model's spans per text, retried if its replica died."""
+        assert self.entity is not None and self.entity_version is not None  # the route exists only then
+        found, replica = await self._call(self.entity, "entities", self.entity_version.version, texts)
+        return Tagging(version=self.entity_version.version, entities=found, replica=replica)
 
     async def describe(self) -> dict[str, Any]:
         """Backend.describe: every version with its live state, the routing knobs and the playbook."""
-        infos = await asyncio.gather(*(h.info.remote() for h in self.handles))
+        handles = self.handles + ([self.entity] if self.entity is not None else [])
+        infos = await asyncio.gather(*(h.info.remote() for h in handles))
         fractions = [1.0] if len(self.handles) == 1 else [1 - self.knobs.canary_fraction, self.knobs.canary_fraction]
+        entity = None
+        if self.entity_version is not None:
+            entity = {**asdict(self.entity_version), **infos[-1]}
+            entity.pop("calibration")
         return {
             "versions": [{**asdict(v), **info, "traffic_fraction": f, "handoff_threshold": self._threshold(v)}
                          for v, info, f in zip(self.versions, infos, fractions)],
+            "entity_model": entity,
             "routing": self.knobs.model_dump(),
             "playbook": {"source": self.playbook_source, "intents": sorted(self.playbook.intents)},
             "limits": vars(self.limits),
@@ -253,51 +316,93 @@ def _local(path: str | None) -> str | None:
     return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _folders(args: AppArgs) -> list[tuple[Literal["primary", "canary"], str, str]]:
+def _folders(args: AppArgs) -> list[tuple[Literal["primary", "canary", "entity"], str, str]]:
     """(role, model folder, version name) of each version to serve."""
-    out = [("primary", args.model, args.version or Path(args.model).name)]
-    if args.canary_model:
-        out.append(("canary", args.canary_model, args.canary_version or Path(args.canary_model).name))
+    out: list[tuple[Literal["primary", "canary", "entity"], str, str]] = []
+    for role, folder, name in (("primary", args.model, args.version),
+                               ("canary", args.canary_model, args.canary_version),
+                               ("entity", args.entity_model, args.entity_version)):
+        if folder:
+            out.append((role, folder, name or Path(folder).name))
     return out
 
 
+def _tagger_types(folder: str) -> set[str] | None:
+    """The entity types of a model folder's tagger (``B-X`` / ``I-X`` labels of its config), or None when the
+    folder holds no tagger (a classifier, or no readable config.json)."""
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    meta = json.loads(config.read_text())
+    if not is_tagger(meta.get("architectures")):
+        return None
+    return {label.split("-", 1)[1] for label in (meta.get("id2label") or {}).values() if "-" in label}
+
+
 def resolve_paths(args: AppArgs) -> AppArgs:
-    """``args`` with absolute paths, once each model folder is known to exist and the versions' names differ:
-    the mistakes worth a one-line error before Serve starts (``serve_app.run.deploy`` checks them first)."""
+    """``args`` with absolute paths, once each model folder is known to exist and hold the kind of model its
+    role serves, and the intent versions' names differ: the mistakes worth a one-line error before Serve
+    starts (``serve_app.run.deploy`` checks them first)."""
     for role, folder, _ in _folders(args):
         if not Path(folder).expanduser().is_dir():
             raise InputError(f"{role} model folder {folder!r} does not exist")
-        config = Path(folder).expanduser() / "config.json"
-        if config.is_file() and is_tagger(json.loads(config.read_text()).get("architectures")):
-            raise InputError(f"{role} model {folder!r} is an entity tagger; the assistant serves text classifiers "
-                             "(serving a tagger beside one is not built yet)")
+        tagger = _tagger_types(folder) is not None
+        if role != "entity" and tagger:
+            raise InputError(f"{role} model {folder!r} is an entity tagger: serve it as entity_model "
+                             "(--entity-model)")
+        if role == "entity" and not tagger:
+            raise InputError(f"entity model {folder!r} is not an entity tagger (a --task ner fine-tune or "
+                             "compression); serve a classifier as model (--model)")
     args = args.model_copy(update={key: _local(getattr(args, key))
-                                   for key in ("model", "canary_model", "data", "playbook")})
-    names = [name for _, _, name in _folders(args)]
+                                   for key in ("model", "canary_model", "entity_model", "data", "playbook")})
+    names = [name for role, _, name in _folders(args) if role != "entity"]
     if len(set(names)) < len(names):
         raise InputError(f"primary and canary are both called {names[0]!r}: set version or canary_version")
     return args
 
 
+def resolve_playbook(args: AppArgs) -> tuple[Playbook, str]:
+    """The playbook and where it came from; its slots must ask for entity types the entity model tags."""
+    if args.model is None:
+        return Playbook(), "none (no intent model: /v1/assist is not served)"
+    path = args.playbook or find_playbook(args.model)
+    playbook = load_playbook(path) if path else Playbook()
+    wanted = slot_types(playbook)
+    if wanted and args.entity_model is None:
+        log.warning("playbook %s fills slots from entity types %s, but no entity model is served: those slots "
+                    "stay empty (or take the request's values)", path, sorted(wanted))
+    elif wanted:
+        tagged = _tagger_types(args.entity_model) or set()
+        if wanted - tagged:
+            raise InputError(f"playbook {path} fills slots from entity types {sorted(wanted - tagged)} that the "
+                             f"entity model {args.entity_model!r} does not tag (it tags {sorted(tagged)})")
+    return playbook, str(path) if path else "generated (no playbook found)"
+
+
 def build_app(args: AppArgs) -> Application:
-    """The Serve application: Ingress bound to one model deployment per version.
+    """The Serve application: Ingress bound to one model deployment per intent version and one for the
+    entity model.
 
     ``serve deploy`` validates the YAML's ``args`` into ``AppArgs`` through this annotation (keep it a
     real class: no ``from __future__ import annotations`` in this module). Deployment options come from
     the Serve config, applied by Serve; here only each deployment's name and initial knobs are set.
     """
     args = resolve_paths(args)
-    versions = [Version(name, role, folder, resolve_calibration(folder, args.data, args.target_precision,
-                                                                args.default_threshold))
-                for role, folder, name in _folders(args)]
-    playbook_path = args.playbook or find_playbook(args.model)
-    playbook = load_playbook(playbook_path) if playbook_path else Playbook()
-    playbook_source = str(playbook_path) if playbook_path else "generated (no playbook found)"
-    models = [ModelServer.options(name=name, user_config=args.batching.model_dump()).bind(
-        version, args.threads, args.max_top_k) for name, version in zip((MODEL, CANARY), versions)]
+    playbook, playbook_source = resolve_playbook(args)
+    versions, entity = [], None
+    for role, folder, name in _folders(args):
+        if role == "entity":
+            entity = Version(name, role, folder, {})
+        else:
+            versions.append(Version(name, role, folder, resolve_calibration(
+                folder, args.data, args.target_precision, args.default_threshold)))
+    knobs = args.batching.model_dump()
+    models = [ModelServer.options(name=name, user_config=knobs).bind(version, args.threads, args.max_top_k)
+              for name, version in zip((MODEL, CANARY), versions)]
+    tagger = EntityServer.options(user_config=knobs).bind(entity, args.threads) if entity else None
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_top_k=args.max_top_k)
     secret = args.api_token or get_settings().api_token  # read where Serve builds the app: on the cluster
     token = (secret.get_secret_value() if secret else "") or None  # empty: no auth (not an empty password)
     return Ingress.options(user_config=args.routing.model_dump()).bind(
-        models[0], models[1] if len(models) > 1 else None, versions, playbook, playbook_source, limits,
-        args.retries, token)
+        models[0] if models else None, models[1] if len(models) > 1 else None, versions, tagger, entity,
+        playbook, playbook_source, limits, args.retries, token)

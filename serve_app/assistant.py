@@ -9,6 +9,15 @@ A playbook is YAML (see ``jobs/samples/harbor_bank/playbook.yaml``)::
 Intents the playbook leaves out get a generated reply naming the topic. Templates take slots in braces:
 ``{intent}`` (label), ``{topic}`` (label in words), ``{confidence}`` (0-1), ``{model_version}`` and any
 slot the request sends (``customer_name``…); an unknown slot renders empty, never as an error.
+
+With an entity model served, an intent may fill slots from the entities found in the message, and say
+something else when the message names none::
+
+    intents:
+      branch_hours:
+        reply: "Our {location} branch opens at 9."
+        slots: {location: location}             # slot name: entity type
+        fallback: "Which branch do you mean?"    # when a declared slot is missing
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ class IntentReply(BaseModel):
     reply: str = Field(description="Reply template; slots in {braces}")
     handoff: bool = Field(default=False, description="Also hand the conversation to a human (policy, "
                           "whatever the confidence)")
+    slots: dict[str, str] = Field(default_factory=dict, description="Template slot -> entity type: the slot "
+                                  "takes the text of the message's most confident entity of that type")
+    fallback: str | None = Field(default=None, description="Reply when a declared slot has no entity in the "
+                                 "message (nor a value in the request); default: the reply with the slot empty")
 
 
 class Playbook(BaseModel):
@@ -102,7 +115,24 @@ def load_playbook(path: str | Path) -> Playbook:
     _check_template(playbook.default, f"{path} default")
     for intent, entry in playbook.intents.items():
         _check_template(entry.reply, f"{path} intent {intent!r}")
+        if entry.fallback is not None:
+            _check_template(entry.fallback, f"{path} intent {intent!r} fallback")
     return playbook
+
+
+def slot_types(playbook: Playbook) -> set[str]:
+    """The entity types the playbook's slots ask for."""
+    return {kind for entry in playbook.intents.values() for kind in entry.slots.values()}
+
+
+def entity_slots(entry: IntentReply, entities: list[dict[str, Any]]) -> dict[str, str]:
+    """Values of ``entry``'s declared slots: per slot, the text of the most confident entity of its type."""
+    out: dict[str, str] = {}
+    for slot, kind in entry.slots.items():
+        found = [e for e in entities if e["type"] == kind]
+        if found:
+            out[slot] = max(found, key=lambda e: e["score"])["text"]
+    return out
 
 
 def find_playbook(model_dir: str | Path) -> Path | None:
@@ -131,8 +161,12 @@ class Decision:
 
 
 def decide(playbook: Playbook, intent: str, confidence: float, threshold: float,
-           slots: dict[str, str] | None = None, model_version: str = "") -> Decision:
-    """Chooses the reply for the top intent; below ``threshold`` the message goes to a human."""
+           slots: dict[str, str] | None = None, model_version: str = "",
+           entities: list[dict[str, Any]] | None = None) -> Decision:
+    """Chooses the reply for the top intent; below ``threshold`` the message goes to a human.
+
+    ``entities`` (``{"type", "text", "score", ...}`` of the message) fill the intent's declared slots; a slot
+    with no entity keeps the request's value, and with neither the intent's ``fallback`` is said."""
     values = {**(slots or {}), "intent": intent, "topic": topic_of(intent), "confidence": confidence,
               "model_version": model_version}
     if confidence < threshold:
@@ -140,5 +174,8 @@ def decide(playbook: Playbook, intent: str, confidence: float, threshold: float,
     entry = playbook.intents.get(intent)
     if entry is None:
         return Decision(intent, confidence, render(GENERATED_REPLY, values), False, None)
-    return Decision(intent, confidence, render(entry.reply, values), entry.handoff,
+    values.update(entity_slots(entry, entities or []))
+    missing = [slot for slot in entry.slots if not values.get(slot)]
+    template = entry.fallback if missing and entry.fallback is not None else entry.reply
+    return Decision(intent, confidence, render(template, values), entry.handoff,
                     "intent_policy" if entry.handoff else None)

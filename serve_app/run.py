@@ -2,6 +2,7 @@
 
     slimray serve --model runs/b77/ft                                  # HTTP on 127.0.0.1:8000
     slimray serve --model runs/b77/ft --canary-model runs/b77/int8 --set routing.canary_fraction=0.1
+    slimray serve --model runs/b77/ft --entity-model runs/wnut17/ft       # intents and entities, in parallel
     python -m serve_app.run --config my_serve.yaml                     # a YAML instance of ServeConfig
 
 ``deploy`` is the one way the app is put on a cluster here: ``slimray serve``, the smoke test of
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 from pydantic import Field, SecretStr
 
 from jobs.config import ConfigError, load_yaml, run_cli
-from serve_app.app import CANARY, INGRESS, MODEL, AppArgs, resolve_paths
+from serve_app.app import CANARY, ENTITY, INGRESS, MODEL, AppArgs, resolve_paths
 
 log = logging.getLogger("slimray.serve")
 
@@ -90,8 +91,9 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
         host: HTTP host.
         port: HTTP port.
         deployments: per deployment name, options that replace the YAML's (a ``None`` value removes the
-            option, e.g. ``{"Model": {"num_replicas": 2, "autoscaling_config": None}}``). A canary without
-            an entry of its own gets the ``Model`` entry's options.
+            option, e.g. ``{"Model": {"num_replicas": 2, "autoscaling_config": None}}``). A canary or an
+            entity model without an entry of its own gets the ``Model`` entry's options; entries of
+            deployments that ``args`` does not serve are dropped (Serve rejects them).
 
     Returns:
         ``ray.serve.schema.ServeDeploySchema``.
@@ -103,9 +105,12 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
     app["args"] = args.model_dump(mode="json", include=set(AppArgs.model_fields) - {"api_token"},
                                   exclude_defaults=True)
     entries = {d["name"]: d for d in app.get("deployments", [])}
-    if args.canary_model and MODEL in entries:
-        entries.setdefault(CANARY, {**entries[MODEL], "name": CANARY})  # same code, same needs
-    knobs = {INGRESS: args.routing, MODEL: args.batching, CANARY: args.batching if args.canary_model else None}
+    served = {INGRESS: True, MODEL: bool(args.model), CANARY: bool(args.canary_model), ENTITY: bool(args.entity_model)}
+    for name in (CANARY, ENTITY):  # batched replicas of the same kind: the same options unless listed
+        if served[name] and MODEL in entries:
+            entries.setdefault(name, {**entries[MODEL], "name": name})
+    entries = {name: entry for name, entry in entries.items() if served.get(name, True)}
+    knobs = {INGRESS: args.routing, **{name: args.batching for name in (MODEL, CANARY, ENTITY) if served[name]}}
     for name, given in knobs.items():
         set_knobs = given.model_dump(exclude_unset=True) if given is not None else {}
         if set_knobs:
@@ -197,8 +202,10 @@ def serving_until_interrupted(run_for_s: float | None = None) -> Iterator[None]:
 def main(cfg: ServeConfig) -> None:
     with serving_until_interrupted(cfg.run_for_s):
         url = deploy(cfg, cfg.serve_config, cfg.host, cfg.port)
+        served = " and ".join(f"{what} {folder}" for what, folder in (("intent model", cfg.model),
+                               ("entity model", cfg.entity_model)) if folder)
         log.info("serving %s at %s (API docs: %s/docs); Prometheus metrics: Ray's metrics export port %s",
-                 cfg.model, url, url, metrics_port())
+                 served, url, url, metrics_port())
 
 
 def metrics_port() -> int | None:

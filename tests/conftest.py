@@ -207,6 +207,18 @@ def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def finetuned_tagger(ray_session, tagged_data, tiny_encoder, tmp_path_factory) -> Path:
+    """A tiny entity tagger fine-tuned on Ray Train (ZeRO-2, 2 workers) on ``write_tagged_sample``; max
+    length 12, so that its long sentences are tagged window by window."""
+    from jobs.finetune import FinetuneConfig, main
+
+    out = tmp_path_factory.mktemp("ner") / "model"
+    main(FinetuneConfig(data=tagged_data, out=out, model=str(tiny_encoder), workers=2, zero_stage=2, epochs=6,
+                        batch_size=8, lr=1e-3, warmup_ratio=0.0, max_length=12, eval_batch_size=16, log_every=5))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier(tiny_encoder, sample_data, tmp_path_factory) -> Path:
     """The 2-layer MiniLM cut, trained in-process (no Ray, ~20 s) on the built-in sample: a real classifier
     whose predictions mean something, for the compression tests."""

@@ -26,8 +26,8 @@ from raycluster import free_port  # tests/raycluster.py
 from jobs.calibration import calibrate_handoff, choose_threshold, read_calibration, write_calibration
 from jobs.config import ConfigError
 from jobs.errors import InputError
-from serve_app.api import Classification, Limits, make_api
-from serve_app.app import CANARY, INGRESS, MODEL, AppArgs, BatchKnobs, RoutingKnobs
+from serve_app.api import Classification, Limits, Tagging, make_api
+from serve_app.app import CANARY, ENTITY, INGRESS, MODEL, AppArgs, BatchKnobs, RoutingKnobs
 from serve_app.assistant import (GENERATED_REPLY, Playbook, decide, find_playbook, load_playbook, render,
                                  topic_of)
 
@@ -135,6 +135,21 @@ def test_decide_low_confidence_policy_and_generated_replies():
     assert topic_of("card_not_arrived") == "card not arrived"
 
 
+def test_decide_fills_slots_from_entities_then_request_then_says_the_fallback():
+    playbook = Playbook.model_validate({"intents": {"hours": {
+        "reply": "Our {location} branch opens at 9, {customer_name}.", "slots": {"location": "location"},
+        "fallback": "Which branch do you mean, {customer_name}?"}}})
+    found = [{"type": "location", "text": "York", "score": 0.6}, {"type": "person", "text": "Ann", "score": 0.9},
+             {"type": "location", "text": "Leeds", "score": 0.8}]
+    slots = {"customer_name": "Sam"}
+    assert decide(playbook, "hours", 0.9, 0.5, slots, entities=found).reply == "Our Leeds branch opens at 9, Sam."
+    assert decide(playbook, "hours", 0.9, 0.5, slots, entities=[]).reply == "Which branch do you mean, Sam?"
+    assert decide(playbook, "hours", 0.9, 0.5, {**slots, "location": "Oslo"}).reply.startswith("Our Oslo branch")
+    no_fallback = Playbook.model_validate({"intents": {"hours": {"reply": "At {location}.", "slots": {"location": "location"}}}})
+    assert decide(no_fallback, "hours", 0.9, 0.5, entities=[]).reply == "At ."
+    assert decide(playbook, "hours", 0.1, 0.5, slots, entities=found).handoff  # low confidence: a human, as before
+
+
 def test_playbook_errors_name_the_entry(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump({"intents": {"x": {"reply": "unclosed {brace"}}}))
@@ -145,6 +160,9 @@ def test_playbook_errors_name_the_entry(tmp_path):
         load_playbook(bad)
     bad.write_text(yaml.safe_dump({"intents": {"x": {"reply": "ok", "handof": True}}}))
     with pytest.raises(InputError, match="intents.x.handof"):
+        load_playbook(bad)
+    bad.write_text(yaml.safe_dump({"intents": {"x": {"reply": "ok", "fallback": "unclosed {brace"}}}))
+    with pytest.raises(InputError, match="intent 'x' fallback.*bad template"):
         load_playbook(bad)
 
 
@@ -175,15 +193,25 @@ class FakeBackend:
         return Classification(version="v-test", threshold=0.5,
                               top=[[("fee", 0.9), ("lost", 0.06), ("other", 0.04)] for _ in texts], replica="r1")
 
+    async def entities(self, texts):
+        """Every capitalised word is a location."""
+        self.calls.append(texts)
+        return Tagging(version="ner-test", replica="r2", entities=[
+            [{"start": m.start(), "end": m.end(), "type": "location", "text": m.group(), "score": 0.8}
+             for m in __import__("re").finditer(r"[A-Z]\w+", t)] for t in texts])
+
     async def describe(self):
         return {"versions": [{"version": "v-test"}]}
 
 
-def _client(token=None, limits=Limits(max_texts=4, max_chars=50, max_top_k=3)):
+def _client(token=None, limits=Limits(max_texts=4, max_chars=50, max_top_k=3), intents=True, entities=False):
     backend = FakeBackend()
-    playbook = Playbook.model_validate({"intents": {"fee": {"reply": "Free, {customer_name}."}}})
+    playbook = Playbook.model_validate({"intents": {"fee": {
+        "reply": "Free, {customer_name}.", "slots": {"branch": "location"},
+        "fallback": "Free at every branch, {customer_name}."}}})
     decisions = []
-    api = make_api(backend, playbook, limits, token, lambda d, v: decisions.append((d, v)))
+    api = make_api(backend, playbook, limits, token, lambda d, v: decisions.append((d, v)), intents=intents,
+                   entities=entities)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test")
     return client, backend, decisions
 
@@ -204,14 +232,52 @@ def test_api_classify_and_assist():
             r = await client.post("/v1/assist", json={"message": "fees?", "slots": {"customer_name": "Sam"}})
             assert r.status_code == 200
             assert r.json() | {"alternatives": None} == {
-                "intent": "fee", "confidence": 0.9, "reply": "Free, Sam.", "handoff": False, "handoff_reason": None,
-                "threshold": 0.5, "alternatives": None, "model_version": "v-test"}
+                "intent": "fee", "confidence": 0.9, "reply": "Free at every branch, Sam.", "handoff": False,
+                "handoff_reason": None, "threshold": 0.5, "alternatives": None, "model_version": "v-test",
+                "entities": None, "entity_model_version": None}  # no entity model: the slot's fallback
             assert len(r.json()["alternatives"]) == 3
             assert [d.intent for d, _ in decisions] == ["fee"] and backend.calls == [["a", "b"], ["fees?"]]
             assert (await client.get("/healthz")).json() == {"status": "ok"}
             assert (await client.get("/v1/models")).json()["versions"][0]["version"] == "v-test"
             assert (await client.get("/openapi.json")).status_code == 200
             assert (await client.get("/docs")).status_code == 200
+    _run(go())
+
+
+def test_api_entities_and_assist_with_both_models():
+    async def go():
+        client, backend, _ = _client(entities=True)
+        async with client:
+            r = await client.post("/v1/entities", json={"texts": ["is Leeds open", "no names here"]})
+            assert r.status_code == 200 and r.headers["x-model-version"] == "ner-test"
+            assert r.json() == {"model_version": "ner-test", "results": [
+                {"entities": [{"start": 3, "end": 8, "type": "location", "text": "Leeds", "score": 0.8}]},
+                {"entities": []}]}
+            r = await client.post("/v1/assist", json={"message": "fees in Leeds?", "slots": {"customer_name": "Sam"}})
+            body = r.json()
+            assert (body["reply"], body["entity_model_version"], body["model_version"]) == ("Free, Sam.", "ner-test", "v-test")
+            assert body["entities"] == [{"start": 8, "end": 13, "type": "location", "text": "Leeds", "score": 0.8}]
+            r = await client.post("/v1/assist", json={"message": "fees?", "slots": {"customer_name": "Sam"}})
+            assert (r.json()["reply"], r.json()["entities"]) == ("Free at every branch, Sam.", [])
+            assert sorted(map(tuple, backend.calls[1:])) == [("fees in Leeds?",), ("fees in Leeds?",)] + [("fees?",)] * 2
+            r = await client.post("/v1/entities", json={"texts": ["x"] * 5})
+            assert r.status_code == 422 and r.json()["details"][0]["field"] == "texts"
+    _run(go())
+
+
+@pytest.mark.parametrize("intents, entities", [(True, False), (False, True)])
+def test_api_routes_exist_only_for_the_models_served(intents, entities):
+    async def go():
+        client, backend, _ = _client(intents=intents, entities=entities)
+        async with client:
+            for path, body, served in (("/v1/classify", {"texts": ["a"]}, intents),
+                                       ("/v1/assist", {"message": "a"}, intents),
+                                       ("/v1/entities", {"texts": ["a"]}, entities)):
+                r = await client.post(path, json=body)
+                assert r.status_code == (200 if served else 404), (path, r.text)
+            r = await client.post("/v1/assist", json={"message": "fees?"})
+            if intents:
+                assert r.json()["entities"] is None and r.json()["reply"] == "Free at every branch, ."
     _run(go())
 
 
@@ -303,7 +369,7 @@ def fuzz_openapi(schema, max_examples: int) -> None:
 def test_api_fuzzed_from_its_own_openapi_schema_never_answers_5xx():
     import schemathesis
 
-    client, _, _ = _client()
+    client, _, _ = _client(entities=True)
     fuzz_openapi(schemathesis.openapi.from_asgi("/openapi.json", client._transport.app), max_examples=150)
 
 
@@ -318,7 +384,7 @@ def test_serve_config_yaml_validates_against_serve_schema_and_our_models():
     (app,) = config.applications
     assert app.import_path == "serve_app.app:build_app"
     AppArgs.model_validate(app.args)  # typed app args: the k8s RayService is generated from these
-    knobs = {INGRESS: RoutingKnobs, MODEL: BatchKnobs, CANARY: BatchKnobs}
+    knobs = {INGRESS: RoutingKnobs, MODEL: BatchKnobs, CANARY: BatchKnobs, ENTITY: BatchKnobs}
     names = [d.name for d in app.deployments]
     assert set(names) <= set(knobs) and {INGRESS, MODEL} <= set(names)
     for d in app.deployments:
@@ -378,12 +444,59 @@ def test_deploy_overrides_win_over_the_yaml_and_the_token_stays_out_of_it():
     assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8124)
 
 
+def test_an_entity_model_gets_the_model_options_and_an_entity_model_alone_no_model_entry():
+    from serve_app.run import app_from_serve_config, serve_schema
+
+    _, yaml_options = app_from_serve_config(SERVE_CONFIG)
+    both = serve_schema(AppArgs(model="/m/ft", entity_model="/m/ner"))
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in both.applications[0].deployments}
+    assert options[ENTITY] == yaml_options[MODEL] and options[MODEL] == yaml_options[MODEL]
+    alone = serve_schema(AppArgs(entity_model="/m/ner", batching={"max_batch_size": 8}))
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in alone.applications[0].deployments}
+    assert set(options) == {INGRESS, ENTITY} and options[ENTITY]["user_config"]["max_batch_size"] == 8
+    assert alone.applications[0].args == {"entity_model": "/m/ner", "batching": {"max_batch_size": 8}}
+    with pytest.raises(ValueError, match="give model .*, entity_model .* or both"):
+        AppArgs()
+    with pytest.raises(ValueError, match="canary_model is a second version of the intent model"):
+        AppArgs(entity_model="/m/ner", canary_model="/m/int8")
+
+
+def _fake_model(folder: Path, architecture: str, labels: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": [architecture],
+                                                    "id2label": dict(enumerate(labels))}))
+    return folder
+
+
+def test_each_role_takes_its_kind_of_model_and_playbook_slots_must_be_tagged(tmp_path):
+    from serve_app.app import resolve_paths, resolve_playbook
+
+    intent = _fake_model(tmp_path / "intent", "BertForSequenceClassification", ["fee", "hours"])
+    ner = _fake_model(tmp_path / "ner", "BertForTokenClassification", ["O", "B-person", "I-person", "B-location"])
+    with pytest.raises(InputError, match="primary model .* is an entity tagger: serve it as entity_model"):
+        resolve_paths(AppArgs(model=str(ner)))
+    with pytest.raises(InputError, match="canary model .* is an entity tagger"):
+        resolve_paths(AppArgs(model=str(intent), canary_model=str(ner)))
+    with pytest.raises(InputError, match="entity model .*intent' is not an entity tagger"):
+        resolve_paths(AppArgs(model=str(intent), entity_model=str(intent)))
+    assert resolve_paths(AppArgs(entity_model=str(ner))).entity_model == str(ner)
+    playbook = tmp_path / "p.yaml"
+    playbook.write_text(yaml.safe_dump({"intents": {"hours": {"reply": "{where} {who}",
+                                                              "slots": {"where": "location", "who": "person"}}}}))
+    args = AppArgs(model=str(intent), entity_model=str(ner), playbook=str(playbook))
+    assert set(resolve_playbook(args)[0].intents) == {"hours"}
+    playbook.write_text(yaml.safe_dump({"intents": {"hours": {"reply": "{x}", "slots": {"x": "product"}}}}))
+    with pytest.raises(InputError, match=r"entity types \['product'\] .*it tags \['location', 'person'\]"):
+        resolve_playbook(args)
+    assert resolve_playbook(AppArgs(entity_model=str(ner)))[1].startswith("none (no intent model")
+
+
 def test_deployment_options_live_in_the_yaml_not_in_the_decorators():
     from ray.serve.deployment import deployment_to_schema
 
-    from serve_app.app import Ingress, ModelServer
+    from serve_app.app import EntityServer, Ingress, ModelServer
 
-    for deployment in (Ingress, ModelServer):
+    for deployment in (Ingress, ModelServer, EntityServer):
         assert deployment_to_schema(deployment).model_dump(exclude_unset=True).keys() == {"name"}, deployment.name
 
 
@@ -682,3 +795,70 @@ def test_serve_deploy_of_the_repo_yaml_then_live_knobs_without_restart(graph, fi
     assert all(a["handoff_reason"] == "low_confidence" and a["threshold"] == 1.0 for a in answers)
     r = httpx.post(graph.url + "/v1/classify", json={"texts": _sample_messages(8)}, timeout=30)
     assert r.status_code == 200 and len(r.json()["results"]) == 8  # 8 texts through batches of 3
+
+
+def _word_spans(text: str, entities: list[dict]) -> set[tuple[int, int, str]]:
+    """(first word, end word, type) of served entities, mapped back onto ``split_words(text)``; each span must
+    cover its words, less only quotes or brackets around them (``char_spans``)."""
+    from jobs.tagging import _LEADING, _TRAILING, split_words
+
+    words = split_words(text)
+    out = set()
+    for e in entities:
+        assert text[e["start"]:e["end"]] == e["text"] and e["start"] < e["end"], e
+        first = next(k for k, (_, s, t) in enumerate(words) if s <= e["start"] < t)
+        last = next(k for k, (_, s, t) in enumerate(words) if s < e["end"] <= t)
+        assert set(text[words[first][1]:e["start"]]) <= set(_LEADING), (text, e)
+        assert set(text[e["end"]:words[last][2]]) <= set(_TRAILING), (text, e)
+        out.add((first, last + 1, e["type"]))
+    return out
+
+
+@pytest.mark.integration
+def test_graph_with_an_entity_model_tags_real_text_as_evaluate_does_and_fills_slots(graph_app, finetuned,
+                                                                                   finetuned_tagger, tmp_path):
+    """Both models deployed (`slimray serve --model --entity-model`): /v1/entities on WNUT-17's test sentences
+    (emoji, URLs, @user, non-ASCII) sent as their tokens joined by spaces gives exact character offsets and
+    the spans of `slimray evaluate`'s tags; /v1/assist carries the entities and fills the playbook slot."""
+    from cluster.settings import get_settings
+    from jobs.inference import load_inference_model
+    from jobs.tagging import read_tagged, spans
+    from serve_app.run import deploy
+
+    labels = json.loads((Path(finetuned) / "config.json").read_text())["id2label"].values()
+    playbook = tmp_path / "playbook.yaml"
+    playbook.write_text(yaml.safe_dump({"intents": {label: {"reply": "At {place}.", "slots": {"place": "location"},
+                                                            "fallback": "Which place?"} for label in labels}}))
+    args = AppArgs(model=str(finetuned), entity_model=str(finetuned_tagger), entity_version="ner-v1",
+                   playbook=str(playbook), default_threshold=0.0)
+    url = deploy(args, port=graph_app[1])  # replaces the graph fixture's app, which it deploys again
+    models = httpx.get(url + "/v1/models", timeout=30).json()
+    assert (models["entity_model"]["version"], models["entity_model"]["role"]) == ("ner-v1", "entity")
+    assert models["entity_model"]["backend"] == "torch" and len(models["versions"]) == 1
+
+    r = httpx.post(url + "/v1/assist", json={"message": "is there a Monzo branch in Oslo?"}, timeout=30)
+    body = r.json()
+    assert r.status_code == 200 and body["entity_model_version"] == "ner-v1", r.text
+    places = [e for e in body["entities"] if e["type"] == "location"]
+    assert places, body  # a training template: the tiny tagger knows it
+    assert body["reply"] == f"At {max(places, key=lambda e: e['score'])['text']}."
+    r = httpx.post(url + "/v1/assist", json={"message": "hello there"}, timeout=30)
+    if not any(e["type"] == "location" for e in r.json()["entities"]):
+        assert r.json()["reply"] == "Which place?"
+
+    path = get_settings().data_root / "wnut17" / "test.conll"
+    if not path.is_file():
+        pytest.skip(f"WNUT-17 not found at {path}")
+    sentences = [s.tokens for s in read_tagged(path) if s.tokens]
+    texts = [" ".join(tokens) for tokens in sentences]
+    assert any(ord(c) > 127 for t in texts for c in t) and any("http" in t for t in texts)
+    served = []
+    for i in range(0, len(texts), 64):
+        r = httpx.post(url + "/v1/entities", json={"texts": texts[i:i + 64]}, timeout=120)
+        assert r.status_code == 200, r.text[:500]
+        served += [row["entities"] for row in r.json()["results"]]
+    model = load_inference_model(finetuned_tagger)
+    evaluated = [set(spans([model.labels[k] for k in w.argmax(-1)])) for w in model.tag(sentences)]
+    got = [_word_spans(text, found) for text, found in zip(texts, served)]
+    same = sum(g == e for g, e in zip(got, evaluated))
+    assert sum(map(len, got)) > 0 and same >= 0.999 * len(texts), (same, len(texts))

@@ -186,16 +186,13 @@ def test_windows_cover_every_word_once_and_label_only_first_pieces():
 
 
 @pytest.mark.integration
-def test_finetune_a_tagger_on_ray_train_with_windows_and_entity_metrics(ray_session, tagged_data, tiny_encoder,
-                                                                        sample_data, tmp_path):
+def test_finetune_a_tagger_on_ray_train_with_windows_and_entity_metrics(finetuned_tagger, tagged_data, sample_data,
+                                                                        tmp_path):
     from transformers import AutoConfig
 
     from jobs.evaluate import evaluate
-    from jobs.finetune import FinetuneConfig, main
 
-    out = tmp_path / "ner"
-    main(FinetuneConfig(data=tagged_data, out=out, model=str(tiny_encoder), workers=2, zero_stage=2, epochs=6,
-                        batch_size=8, lr=1e-3, warmup_ratio=0.0, max_length=12, eval_batch_size=16, log_every=5))
+    out = finetuned_tagger
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and 0 <= metrics["entity_f1"] <= 1
     assert set(metrics["per_type"]) == {"bank", "location", "person"} and "entity_f1" in metrics["strict"]
@@ -246,12 +243,3 @@ def test_split_words_round_trips_stored_sentences_and_spans_have_exact_offsets()
     if (root / "test.conll").is_file():
         sentences = read_tagged(root / "test.conll")
         assert all([w for w, _, _ in split_words(" ".join(s.tokens))] == s.tokens for s in sentences)
-
-
-def test_serving_refuses_a_tagger_in_one_line(tmp_path):
-    from serve_app.app import AppArgs, resolve_paths
-
-    (tmp_path / "ner").mkdir()
-    (tmp_path / "ner" / "config.json").write_text(json.dumps({"architectures": ["BertForTokenClassification"]}))
-    with pytest.raises(InputError, match="primary model .* is an entity tagger"):
-        resolve_paths(AppArgs(model=str(tmp_path / "ner")))
