@@ -1,6 +1,7 @@
 """A smoke test of the served assistant: deploy the Serve graph, send real requests over HTTP, time them.
 
-``slimray run`` calls it after choosing a model; it also works on its own against any model folder:
+``slimray run`` calls it after choosing a model (``smoke_test`` for an intent model, ``smoke_test_entities``
+for an entity tagger); it also works on its own against any model folder:
 
     from serve_app.smoke import serve_model, smoke_test
     with serve_model("runs/x/compress/chosen", "runs/x/data", port=8000) as url:
@@ -24,15 +25,18 @@ log = logging.getLogger("slimray.serve")
 
 
 @contextlib.contextmanager
-def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1") -> Iterator[str]:
-    """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` (``serve_app.run.deploy``); yields its
-    URL, and shuts Serve down on exit."""
+def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1", entity: bool = False
+                ) -> Iterator[str]:
+    """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` (``serve_app.run.deploy``; as the entity
+    model with ``entity``); yields its URL, and shuts Serve down on exit."""
     from ray import serve
 
     from serve_app.app import AppArgs
     from serve_app.run import deploy
 
-    url = deploy(AppArgs(model=str(model), data=str(data) if data else None), host=host, port=port)
+    args = (AppArgs(entity_model=str(model)) if entity else
+            AppArgs(model=str(model), data=str(data) if data else None))
+    url = deploy(args, host=host, port=port)
     try:
         yield url
     finally:
@@ -42,20 +46,22 @@ def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1"
 def raw_baseline(model_dir: str, texts: Sequence[str], requests: int, batch_requests: int,
                  batch_size: int = 32, threads: int = 1) -> dict[str, float]:
     """The smoke test's texts, in the same order, through the model in this process: p50 ms per single
-    text and texts/s for the same 32-text chunks (tokenization included, as in a replica)."""
+    text and texts/s for the same 32-text chunks (tokenization included, as in a replica; a tagger's words
+    split and its spans built, as its replica does)."""
     from jobs.inference import load_inference_model
 
     model = load_inference_model(model_dir, threads=threads)
-    model.logits([texts[0]])  # warm-up
+    run = model.entities if model.kind == "tagging" else model.logits
+    run([texts[0]])  # warm-up
     single = []
     for i in range(requests):
         t0 = time.perf_counter()
-        model.logits([texts[i % len(texts)]], batch_size=1)
+        run([texts[i % len(texts)]], batch_size=1)
         single.append(1000 * (time.perf_counter() - t0))
     spent, sent = 0.0, 0
     for chunk in _chunks(texts, batch_requests, batch_size):
         t0 = time.perf_counter()
-        model.logits(list(chunk), batch_size=batch_size)
+        run(list(chunk), batch_size=batch_size)
         spent += time.perf_counter() - t0
         sent += len(chunk)
     return {"raw_single_p50_ms": statistics.median(single), "raw_texts_per_s": sent / spent}
@@ -126,4 +132,69 @@ def smoke_test(url: str, texts: Sequence[str], labels: Sequence[str], requests: 
     log.info("smoke test: /v1/assist p50 %.1f ms, p95 %.1f ms; /v1/classify (%d texts) p50 %.1f ms; "
              "served accuracy %.3f", result["assist_p50_ms"], result["assist_p95_ms"], batch_size,
              result["classify_p50_ms"], result["classify_accuracy"])
+    return result
+
+
+def smoke_test_entities(url: str, model_dir: str, texts: Sequence[str], requests: int = 30, batch_requests: int = 5,
+                        batch_size: int = 32, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Sends ``requests`` single texts and ``batch_requests`` batches to /v1/entities, and checks every answer
+    against the same model in this process (``InferenceModel.entities``): spans, types and texts must agree.
+
+    Returns:
+        Latency percentiles (ms), texts/s of the batches, entities found and the share of texts whose served
+        entities equal the in-process ones (``served_agreement``).
+    """
+    import requests as http
+
+    from jobs.inference import load_inference_model
+
+    if len(texts) < batch_size:
+        raise ValueError(f"the smoke test needs at least {batch_size} texts, got {len(texts)}")
+    session = http.Session()
+    model = load_inference_model(model_dir, threads=1)
+
+    def post(chunk: Sequence[str]) -> tuple[list[list[dict[str, Any]]], float]:
+        t0 = time.perf_counter()
+        response = session.post(url + "/v1/entities", json={"texts": list(chunk)}, timeout=timeout_s)
+        elapsed = 1000 * (time.perf_counter() - t0)
+        if response.status_code != 200:
+            raise RuntimeError(f"smoke test: POST /v1/entities answered {response.status_code}: {response.text[:300]}")
+        return [row["entities"] for row in response.json()["results"]], elapsed
+
+    def key(found: list[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+        return [(e["start"], e["end"], e["type"], e["text"]) for e in found]
+
+    post(texts[:1])  # first request: connections, lazy imports; not timed
+    single, batched, served, sent_texts = [], [], [], []
+    for i in range(requests):
+        chunk = [texts[i % len(texts)]]
+        found, ms = post(chunk)
+        single.append(ms)
+        served += found
+        sent_texts += chunk
+    sent = 0
+    for chunk in _chunks(texts, batch_requests, batch_size):
+        found, ms = post(chunk)
+        batched.append(ms)
+        served += found
+        sent_texts += list(chunk)
+        sent += len(chunk)
+    expected = model.entities(sent_texts)
+    agree = sum(key(a) == key(b) for a, b in zip(served, expected))
+    result = {
+        "url": url,
+        "entities_requests": requests,
+        "entities_p50_ms": statistics.median(single),
+        "entities_p95_ms": _percentile(single, 95),
+        "entities_batch_requests": batch_requests,
+        "entities_batch_size": batch_size,
+        "entities_batch_p50_ms": statistics.median(batched),
+        "entities_texts_per_s": sent / (sum(batched) / 1000),
+        "entities_found": sum(len(f) for f in served),
+        "texts_checked": len(sent_texts),
+        "served_agreement": agree / len(sent_texts),
+    }
+    log.info("smoke test: /v1/entities p50 %.1f ms (1 text), %.0f texts/s (%d texts); %d entities, served = "
+             "in-process on %.3f of texts", result["entities_p50_ms"], result["entities_texts_per_s"], batch_size,
+             result["entities_found"], result["served_agreement"])
     return result

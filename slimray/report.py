@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from jobs.artifacts import read_json
-from tuning.report import SUMMARY_COLUMNS, describe_pipeline, summary_markdown, summary_rows, trial_table
+from tuning.report import (METRIC_WORDS, SUMMARY_COLUMNS, describe_pipeline, summary_columns, summary_markdown,
+                           summary_rows, trial_table)
 
 __all__ = ["SUMMARY_COLUMNS", "goals_section", "print_summary", "summary_text", "write_report"]
 
@@ -31,7 +32,7 @@ STAGE_NAMES = ("prepare", "finetune", "compress", "smoke")
 
 def summary_text(m: dict[str, Any]) -> str:
     """The table as aligned text; columns are separated by at least two spaces."""
-    header = ["", *(title for title, _, _ in SUMMARY_COLUMNS)]
+    header = ["", *(title for title, _, _ in summary_columns(m.get("metric", "accuracy")))]
     rows = [header] + [[name, *cells] for name, cells in summary_rows(m)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
@@ -70,6 +71,11 @@ class RunArtifacts:
                    compress_config=read_json(comp / "compress_config.json"), smoke=read_json(out / "smoke.json"))
 
     @property
+    def metric(self) -> str:
+        """The task's score: "accuracy", or an entity tagger's "entity_f1"."""
+        return self.chosen.get("metric", "accuracy")
+
+    @property
     def alternative(self) -> dict[str, Any] | None:
         """The fastest finished trial that is ONNX int8 alone (fused or plain export), if the search built one."""
         alone = [r for r in self.trials["trials"] if r.get("status") == "finished" and r.get("pipeline") in ALTERNATIVES]
@@ -89,8 +95,10 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
     art = RunArtifacts.read(out)
     write_figures(out / "figures", art)
     configs = write_configs(out / "configs", art)
-    lines = [*title_section(art, stages), *data_section(art.data), *finetune_section(art),
-             *compression_section(art), *smoke_section(art.smoke),
+    tagging = art.metric == "entity_f1"
+    lines = [*title_section(art, stages), *(tagged_data_section if tagging else data_section)(art.data),
+             *finetune_section(art), *compression_section(art),
+             *(entities_smoke_section if tagging else smoke_section)(art.smoke),
              *goals_section(art.chosen, art.alternative, art.smoke), *reproduce_section(out, art, configs)]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -102,16 +110,16 @@ def write_figures(figures: Path, art: RunArtifacts) -> None:
     figures.mkdir(exist_ok=True)
     plot_training(art.history, figures / "training.png")
     shutil.copy2(figures.parent / "compress" / "pareto.png", figures / "pareto.png")
-    cm, alternative = art.chosen, art.alternative
-    # Validation accuracy: the alternative was scored on validation only, like every candidate.
-    compared = {"base (fine-tuned)": {"accuracy": cm["base"]["validation"]["accuracy"],
+    cm, alternative, metric = art.chosen, art.alternative, art.metric
+    # Validation score: the alternative was scored on validation only, like every candidate.
+    compared = {"base (fine-tuned)": {"score": cm["base"]["validation"][metric],
                                       "latency_ms_b1": cm["base"]["latency_ms_b1"], "size_mb": cm["base"]["size_mb"]}}
     if alternative is not None:
-        compared["ONNX int8 alone"] = {"accuracy": alternative["val_accuracy"],
+        compared["ONNX int8 alone"] = {"score": alternative["val_accuracy"],
                                        "latency_ms_b1": alternative["latency_ms_b1"], "size_mb": alternative["size_mb"]}
-    compared["chosen"] = {"accuracy": cm["validation"]["accuracy"], "latency_ms_b1": cm["latency_ms_b1"],
+    compared["chosen"] = {"score": cm["validation"][metric], "latency_ms_b1": cm["latency_ms_b1"],
                           "size_mb": cm["size_mb"]}
-    plot_comparison(compared, figures / "comparison.png")
+    plot_comparison(compared, figures / "comparison.png", METRIC_WORDS[metric][0])
 
 
 def write_configs(configs: Path, art: RunArtifacts) -> Path:
@@ -144,10 +152,16 @@ def title_section(art: RunArtifacts, stages: dict[str, dict[str, Any]]) -> list[
     return lines + [f"| total | {total:.0f} s | |"]
 
 
+def dropped_line(dm: dict[str, Any]) -> str:
+    """What prepare dropped, per split, in one sentence."""
+    dropped = {s: {k: v for k, v in d.items() if v} for s, d in dm["dropped"].items()}
+    return "Dropped: " + ("; ".join(f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d.items())
+                                    for s, d in dropped.items() if d) or "nothing") + "."
+
+
 def data_section(dm: dict[str, Any]) -> list[str]:
     """Split sizes, sequence length, what prepare dropped and the label counts per split."""
     splits = dm["splits"]
-    dropped = {s: {k: v for k, v in d.items() if v} for s, d in dm["dropped"].items()}
     lines = [
         "",
         "## Data",
@@ -157,8 +171,7 @@ def data_section(dm: dict[str, Any]) -> list[str]:
         f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} train rows "
         "truncated).",
         "",
-        "Dropped: " + ("; ".join(f"{s}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d.items())
-                                 for s, d in dropped.items() if d) or "nothing") + ".",
+        dropped_line(dm),
         "",
         "| label | " + " | ".join(splits) + " |",
         "|---" * (len(splits) + 1) + "|",
@@ -167,9 +180,53 @@ def data_section(dm: dict[str, Any]) -> list[str]:
                     for label in dm["labels"]]
 
 
+def tagged_data_section(dm: dict[str, Any]) -> list[str]:
+    """An entity tagger's data: sentences and words per split, what prepare dropped, entities per type."""
+    splits = dm["splits"]
+    kinds = sorted({k for i in splits.values() for k in i["entity_counts"]})
+    lines = [
+        "",
+        "## Data",
+        "",
+        f"{len(kinds)} entity types ({len(dm['labels'])} IOB2 tags); "
+        + ", ".join(f"{s} {i['rows']:,} sentences" for s, i in splits.items())
+        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; "
+        f"{dm.get('train_sentences_over_max_length', 0)} train sentences longer, tagged in windows of whole words).",
+        "",
+        dropped_line(dm),
+        "",
+        "| entity type | " + " | ".join(splits) + " |",
+        "|---" * (len(splits) + 1) + "|",
+    ]
+    return lines + [f"| {kind} | " + " | ".join(str(i["entity_counts"].get(kind, 0)) for i in splits.values()) + " |"
+                    for kind in kinds]
+
+
+def per_type_table(fm: dict[str, Any]) -> list[str]:
+    """seqeval's report of a tagger's metrics.json: per type, then micro and macro averages, strict F1 beside."""
+    strict = fm.get("strict", {})
+    lines = ["| type | precision | recall | F1 | strict F1 | support |", "|---|---|---|---|---|---|"]
+    rows = [(k, v, strict.get("per_type", {}).get(k, {})) for k, v in sorted(fm["per_type"].items())]
+    rows += [(f"*{k} avg*", v, strict.get("averages", {}).get(k, {})) for k, v in fm.get("averages", {}).items()]
+    for name, v, st in rows:
+        lines.append(f"| {name} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | "
+                     f"{st.get('f1', float('nan')):.4f} | {v['support']} |")
+    return lines
+
+
 def finetune_section(art: RunArtifacts) -> list[str]:
     """How the model was fine-tuned and how well it scored, with the training curves."""
     fm, dist = art.ft_metrics, art.ft_metrics["distributed"]
+    if "entity_f1" in fm:
+        scored = (f"{fm['split'].capitalize()} entity F1 **{fm['entity_f1']:.4f}** (seqeval default mode; strict "
+                  f"{fm['strict']['entity_f1']:.4f}), precision {fm['entity_precision']:.4f}, recall "
+                  f"{fm['entity_recall']:.4f}, macro-F1 {fm['macro_f1']:.4f} (validation entity F1 "
+                  f"{fm['validation']['entity_f1']:.4f}).")
+        table = ["", *per_type_table(fm)]
+    else:
+        scored = (f"{fm['split'].capitalize()} accuracy **{fm['accuracy']:.4f}**, macro-F1 {fm['macro_f1']:.4f} "
+                  f"(validation {fm['validation']['accuracy']:.4f}).")
+        table = []
     return [
         "",
         "## Fine-tuning",
@@ -178,9 +235,8 @@ def finetune_section(art: RunArtifacts) -> list[str]:
         f"ZeRO-{dist['zero_stage']}: {fm['steps']} optimizer steps, {fm['train_samples_per_s']:.1f} samples/s, "
         f"{fm['wall_s']:.0f} s"
         + (f", resumed from step {fm['resumed_from_step']}" if fm.get("resumed_from_step") else "")
-        + (f", {fm['restarts']} worker-group restart(s)" if fm.get("restarts") else "") + ". "
-        f"{fm['split'].capitalize()} accuracy **{fm['accuracy']:.4f}**, macro-F1 {fm['macro_f1']:.4f} "
-        f"(validation {fm['validation']['accuracy']:.4f}).",
+        + (f", {fm['restarts']} worker-group restart(s)" if fm.get("restarts") else "") + ". " + scored,
+        *table,
         "",
         "![Training curves](figures/training.png)",
         "",
@@ -194,7 +250,7 @@ def compression_section(art: RunArtifacts) -> list[str]:
         "## Compression",
         "",
         f"{cm['trials']['total']} candidates searched with Ray Tune ({cm['trials']['finished']} finished); "
-        f"choice: the fastest at batch 1 with validation accuracy within "
+        f"choice: the fastest at batch 1 with validation {METRIC_WORDS[art.metric][0]} within "
         f"{art.compress_config['max_accuracy_drop']} points of the base model. Chosen: "
         f"**{describe_pipeline(art.chosen_manifest.get('method'))}** (trial `{chosen_id}`). "
         f"The search's own report: [compress/report.md](compress/report.md).",
@@ -234,20 +290,45 @@ def smoke_section(smoke: dict[str, Any]) -> list[str]:
     ]
 
 
+def entities_smoke_section(smoke: dict[str, Any]) -> list[str]:
+    """An entity tagger's smoke test: /v1/entities latency and throughput next to the same model in-process,
+    and how often the served entities equal the in-process ones."""
+    return [
+        "## Serving smoke test",
+        "",
+        "The chosen tagger behind the Serve graph (HTTP → Ingress → EntityModel replica), requests one at a time "
+        "from a client on the same machine; then the same texts through the same model in-process (words split, "
+        "tagged, spans built):",
+        "",
+        "| requests | p50 (ms) | p95 (ms) | served | in-process |",
+        "|---|---|---|---|---|",
+        f"| {smoke['entities_requests']} x `/v1/entities` (1 text) | {smoke['entities_p50_ms']:.1f} | "
+        f"{smoke['entities_p95_ms']:.1f} | | p50 {smoke['raw_single_p50_ms']:.1f} ms |",
+        f"| {smoke['entities_batch_requests']} x `/v1/entities` ({smoke['entities_batch_size']} texts) | "
+        f"{smoke['entities_batch_p50_ms']:.1f} | | {smoke['entities_texts_per_s']:.0f} texts/s | "
+        f"{smoke['raw_texts_per_s']:.0f} texts/s |",
+        "",
+        f"{smoke['entities_found']} entities served over {smoke['texts_checked']} texts; the served entities "
+        f"(offsets, type, text) equal the in-process ones on {smoke['served_agreement']:.3f} of texts.",
+        "",
+    ]
+
+
 def plot_training(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation accuracy against the optimizer step."""
+    """Training loss and validation score (accuracy, or a tagger's entity F1) against the optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     losses = [r for r in history if "loss" in r]
-    evals = [r for r in history if "val_accuracy" in r]
+    score = "val_entity_f1" if any("val_entity_f1" in r for r in history) else "val_accuracy"
+    evals = [r for r in history if score in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     left.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="tab:blue")
     left.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    right.plot([r["step"] for r in evals], [100 * r["val_accuracy"] for r in evals], marker="o", color="tab:green",
-               label="accuracy")
+    right.plot([r["step"] for r in evals], [100 * r[score] for r in evals], marker="o", color="tab:green",
+               label=score.removeprefix("val_").replace("_", " "))
     right.plot([r["step"] for r in evals], [100 * r["val_macro_f1"] for r in evals], marker="s", color="tab:olive",
                label="macro-F1")
     right.set(xlabel="optimizer step", ylabel="%", title="Validation")
@@ -259,7 +340,7 @@ def plot_training(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_comparison(rows: dict[str, dict[str, float]], path: Path) -> None:
+def plot_comparison(rows: dict[str, dict[str, float]], path: Path, score: str = "accuracy") -> None:
     """Batch-1 latency and size of the base model, the alternative and the chosen one, side by side."""
     import matplotlib
 
@@ -269,14 +350,14 @@ def plot_comparison(rows: dict[str, dict[str, float]], path: Path) -> None:
     names = list(rows)
     colors = ["tab:orange", "tab:gray", "tab:red"][: len(names)]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=110)
-    for ax, key, title in zip(axes, ("accuracy", "latency_ms_b1", "size_mb"),
-                              ("validation accuracy (%)", "latency at batch 1 (ms)", "size (MB)")):
-        values = [100 * rows[n][key] if key == "accuracy" else rows[n][key] for n in names]
+    for ax, key, title in zip(axes, ("score", "latency_ms_b1", "size_mb"),
+                              (f"validation {score} (%)", "latency at batch 1 (ms)", "size (MB)")):
+        values = [100 * rows[n][key] if key == "score" else rows[n][key] for n in names]
         bars = ax.bar(names, values, color=colors)
         ax.bar_label(bars, fmt="%.2f" if key != "size_mb" else "%.1f", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-        if key == "accuracy":
+        if key == "score":
             ax.set_ylim(max(0.0, min(values) - 10), 100)
     fig.tight_layout()
     fig.savefig(path)
@@ -301,14 +382,17 @@ def goals_section(cm: dict[str, Any], alternative: dict[str, Any] | None, smoke:
         ]
     else:
         lines.append("| compression vs ONNX int8 alone | the search did not build that candidate | **not measured** |")
-    overhead = smoke["assist_p50_ms"] - smoke["raw_single_p50_ms"]
-    share = smoke["classify_texts_per_s"] / smoke["raw_texts_per_s"]
+    tagger = "entities_p50_ms" in smoke  # an entity tagger's smoke test: /v1/entities for both figures
+    single = smoke["entities_p50_ms" if tagger else "assist_p50_ms"]
+    batched = smoke["entities_texts_per_s" if tagger else "classify_texts_per_s"]
+    overhead = single - smoke["raw_single_p50_ms"]
+    share = batched / smoke["raw_texts_per_s"]
     lines += [
         f"| serving: p50 of one message ≤ the model's own latency on it + {GOAL_SERVE_OVERHEAD_MS:g} ms | "
-        f"{smoke['assist_p50_ms']:.1f} vs {smoke['raw_single_p50_ms']:.1f} ms: +{overhead:.1f} ms | "
+        f"{single:.1f} vs {smoke['raw_single_p50_ms']:.1f} ms: +{overhead:.1f} ms | "
         f"{_goal(overhead <= GOAL_SERVE_OVERHEAD_MS)} |",
         f"| serving: texts/s with 32-text requests ≥ {GOAL_SERVE_BATCH_SHARE:g} of the model's own | "
-        f"{smoke['classify_texts_per_s']:.0f} vs {smoke['raw_texts_per_s']:.0f} texts/s: {share:.2f} | "
+        f"{batched:.0f} vs {smoke['raw_texts_per_s']:.0f} texts/s: {share:.2f} | "
         f"{_goal(share >= GOAL_SERVE_BATCH_SHARE)} |",
         "",
         "Serving figures: the smoke test's requests, one at a time from a client on the same machine, against "
@@ -334,9 +418,12 @@ def reproduce_section(out: Path, art: RunArtifacts, configs: Path) -> list[str]:
         "Serve the chosen model:",
         "",
         "```bash",
-        f"slimray serve --model {out}/compress/chosen --data {out / 'data'}      # http://127.0.0.1:8000, docs at /docs",
-        "curl -s -X POST http://127.0.0.1:8000/v1/assist -H 'content-type: application/json' "
-        "-d '{\"message\": \"my card has not arrived\"}'",
+        *([f"slimray serve --entity-model {out}/compress/chosen      # http://127.0.0.1:8000, docs at /docs",
+           "curl -s -X POST http://127.0.0.1:8000/v1/entities -H 'content-type: application/json' "
+           "-d '{\"texts\": [\"is the Leeds branch open on Sunday\"]}'"] if art.metric == "entity_f1" else
+          [f"slimray serve --model {out}/compress/chosen --data {out / 'data'}      # http://127.0.0.1:8000, docs at /docs",
+           "curl -s -X POST http://127.0.0.1:8000/v1/assist -H 'content-type: application/json' "
+           "-d '{\"message\": \"my card has not arrived\"}'"]),
         "```",
         "",
     ]

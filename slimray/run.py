@@ -3,6 +3,7 @@
     slimray run                                                # built-in sample, quick profile (~10 min, 2 cores)
     slimray run --data ../shared/data/banking77 --profile full # the benchmark configuration
     slimray run --serve                                        # keep the assistant up at the end
+    slimray run --task ner --data ../shared/data/wnut17        # an entity tagger, same stages
 
 prepare → fine-tune (Ray Train + DeepSpeed ZeRO) → compression search (Ray Tune) and choice → smoke test of
 the Serve graph → ``report.md``. Each stage is the same ``main(cfg)`` that ``slimray <stage>`` runs; the
@@ -66,6 +67,8 @@ class RunConfig(StrictModel):
     data: NameOrPath | None = Field(default=None, description="Labelled text: anything `slimray prepare` reads "
                                     "(file, folder of splits, dataset id). Default: the built-in Harbor Lane "
                                     "Bank sample, offline")
+    task: str | None = Field(default=None, description="Task of the data: intent, sentiment or ner (entity "
+                             "tagging; needs --data). Default: the profile's prepare.task")
     profile: str = Field(default="quick", description="quick (every stage, small: about 5 min on 2 cores), full "
                          "(the benchmark configuration), or a profile YAML path")
     out: Path | None = Field(default=None, description="Run folder (default: runs/<data name>-<profile>). Running "
@@ -205,15 +208,30 @@ class Run:
     def chosen(self) -> Path:
         return self.out / "compress" / "chosen"
 
+    @property
+    def tagging(self) -> bool:
+        """The run builds an entity tagger (served as the entity model, smoke-tested on /v1/entities)."""
+        from jobs.tasks import get_task
+
+        return get_task(self.stages["prepare"].task).kind == "tagging"
+
 
 def start(cfg: RunConfig) -> Run:
     """Resolves the source, profile and output folder; records the command in run.json."""
     from serve_app.run import apply_serve_env
 
+    from jobs.tasks import get_task
+
+    profile, profile_path = load_profile(cfg.profile)
+    if cfg.task is not None:
+        task = get_task(cfg.task)
+        if task.kind == "tagging" and not cfg.data:
+            raise ConfigError(f"task: {cfg.task!r} needs --data (CoNLL or JSONL tagged text); the built-in sample "
+                              "holds intents")
+        profile = profile.model_copy(update={"prepare": {**profile.prepare, "task": cfg.task}})
     source = cfg.data or str(SAMPLE)
     if not cfg.data:
         print(f"no --data: using the built-in sample {SAMPLE.relative_to(REPO_ROOT)} (Harbor Lane Bank, offline)")
-    profile, profile_path = load_profile(cfg.profile)
     out = (cfg.out or default_out(source, profile_path)).expanduser().resolve()
     stages = stage_configs(profile, source, out, profile_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +290,15 @@ def run_smoke(run: Run) -> None:
                                "model": file_sha256(run.chosen / "manifest.json")})
 
     def smoke(resume: bool) -> None:
-        from serve_app.smoke import raw_baseline, serve_model, smoke_test
+        from serve_app.smoke import raw_baseline, serve_model, smoke_test, smoke_test_entities
 
-        texts, labels = read_test_split(run.data_dir)
+        texts, labels = read_test_split(run.data_dir)  # a tagger's: sentences as text (words joined by spaces)
         n, batches = run.profile.smoke.requests, run.profile.smoke.batch_requests
-        with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port) as url:
-            result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
+        with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port, entity=run.tagging) as url:
+            if run.tagging:
+                result = smoke_test_entities(url, str(run.chosen), texts, requests=n, batch_requests=batches)
+            else:
+                result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
         # The same texts through the same model in this process, right after: what serving adds.
         result.update(raw_baseline(str(run.chosen), texts, requests=n, batch_requests=batches))
         write_json(smoke_path, result)
@@ -306,7 +327,7 @@ def main(cfg: RunConfig) -> Path:
     run_smoke(run)
     report = run_report(run)
     if cfg.serve:
-        keep_serving(run.chosen, run.data_dir, cfg.port)
+        keep_serving(run.chosen, run.data_dir, cfg.port, run.tagging)
     return report
 
 
@@ -314,22 +335,29 @@ def cli(argv: list[str] | None = None) -> None:
     run_cli(RunConfig, main, argv, prog="slimray run")
 
 
-def read_test_split(data_dir: Path) -> tuple[list[str], list[str]]:
+def read_test_split(data_dir: Path) -> tuple[list[str], list[Any]]:
+    """The test split's texts and labels (a tagger's: its sentences as text, and their tags)."""
     from jobs.prepare import read_split
 
-    test = read_split(data_dir, "test")
-    return test["text"], test["label"]
+    import pyarrow.parquet as pq
+
+    columns = pq.read_schema(data_dir / "test.parquet").names
+    test = read_split(data_dir, "test", ("text", "label" if "label" in columns else "tags"))
+    return test["text"], test.get("label") or test["tags"]
 
 
-def keep_serving(chosen: Path, data_dir: Path, port: int) -> None:
-    """Serves the chosen model until Ctrl-C, after printing a ready curl command."""
+def keep_serving(chosen: Path, data_dir: Path, port: int, tagging: bool = False) -> None:
+    """Serves the chosen model (as the entity model, when ``tagging``) until Ctrl-C, after printing a ready curl
+    command."""
     from serve_app.app import AppArgs
     from serve_app.run import deploy, serving_until_interrupted
 
     texts, _ = read_test_split(data_dir)
+    args = AppArgs(entity_model=str(chosen)) if tagging else AppArgs(model=str(chosen), data=str(data_dir))
+    path, body = ("/v1/entities", {"texts": [texts[0]]}) if tagging else ("/v1/assist", {"message": texts[0]})
     with serving_until_interrupted():
-        url = deploy(AppArgs(model=str(chosen), data=str(data_dir)), port=port)
-        body = shlex.quote(json.dumps({"message": texts[0]}))
+        url = deploy(args, port=port)
+        body = shlex.quote(json.dumps(body))
         print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n"
-              f"  curl -s -X POST {url}/v1/assist -H 'content-type: application/json' -d {body}\n"
+              f"  curl -s -X POST {url}{path} -H 'content-type: application/json' -d {body}\n"
               "Ctrl-C stops it.", flush=True)

@@ -383,3 +383,95 @@ def test_the_search_report_and_the_run_report_render_the_same_trial_table(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "## No candidate met the constraint" in report and "**chosen**" not in report
     assert "\n".join(trial_table(REPORT_TRIALS, REPORT_BASE, None)) in report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entity taggers: the same methods with per-token KD, and the same search with entity F1.
+
+
+def _tagger_context(data: Path, teacher: Candidate, max_length: int = 16) -> Context:
+    """The train / validation sentences of ``data`` with the teacher's per-word logits (max length 16, so that
+    long sentences are windowed)."""
+    from tuning.methods import predict_words
+
+    texts, tags = train_rows(data, None, "tagging")
+    val = read_split(data, "validation", ("tokens", "tag_ids"))
+    words = predict_words(teacher.model, teacher.tokenizer, texts, max_length)
+    return Context(train_texts=texts, train_labels=tags, teacher_logits=np.concatenate(words), kind="tagging",
+                   val_texts=[list(s) for s in val["tokens"]], val_labels=[list(t) for t in val["tag_ids"]],
+                   max_length=max_length, threads=2, batch_size=16)
+
+
+def test_a_tagger_distils_per_token_prunes_trims_and_exports(tiny_encoder, tagged_data, tmp_path):
+    """Per-token KD (with the hidden-state term) lowers its losses epoch over epoch; the student, pruned,
+    trimmed and exported to ONNX int8, loads as a tagger whose word tags mostly agree with its fp32 self, and
+    trimming tags the train sentences exactly as before."""
+    from jobs.modeling import load_pretrained_for_training
+    from jobs.tagging import word_windows
+    from tuning.measure import measure
+    from tuning.methods import kd_train, predict_words, score
+
+    labels = json.loads((tagged_data / "labels.json").read_text())
+    teacher = Candidate(load_pretrained_for_training(str(tiny_encoder), labels, "AutoModelForTokenClassification"),
+                        load_tokenizer(tiny_encoder))
+    ctx = _tagger_context(tagged_data, teacher)
+    kd_train(teacher.model, teacher.tokenizer, ctx, epochs=3, lr=1e-3, temperature=1.0, alpha=0.0)  # gold CE only
+    assert score(teacher.model, teacher.tokenizer, ctx.val_texts, ctx.val_labels, 16, "tagging") > 0.5
+    ctx = _tagger_context(tagged_data, teacher)  # logits of the trained teacher
+    assert any(len(w.starts) < len(s) for w in word_windows(teacher.tokenizer, ctx.train_texts, 16)
+               for s in [ctx.train_texts[w.sentence]])  # some sentences are cut into windows
+
+    student = distill(teacher, ctx, layers=1, epochs=3, lr=1e-3, temperature=2.0, alpha=0.9, hidden_weight=1.0)
+    losses = student.steps[-1]["losses"]
+    assert losses[-1]["kd"] < losses[0]["kd"] and losses[-1]["hidden"] < losses[0]["hidden"], losses
+    pruned = prune(student, ctx, heads=0.5, ffn=0.5, recovery_steps=5)
+    trimmed = trim_vocab(pruned, ctx)
+    assert trimmed.steps[-1]["kept_tokens"] < trimmed.steps[-1]["original_tokens"]
+    before = np.concatenate(predict_words(pruned.model, pruned.tokenizer, ctx.train_texts[:50], 16))
+    after = np.concatenate(predict_words(trimmed.model, trimmed.tokenizer, ctx.train_texts[:50], 16))
+    np.testing.assert_allclose(after, before, atol=1e-4)  # train words keep their pieces, renumbered
+
+    save_candidate(quantize(trimmed, ctx, backend="onnx-int8"), tmp_path / "onnx", 16)
+    exported = load_inference_model(tmp_path / "onnx")
+    assert exported.kind == "tagging" and exported.backend == "onnx"
+    fp32 = np.concatenate([w.argmax(-1) for w in predict_words(trimmed.model, trimmed.tokenizer, ctx.val_texts, 16)])
+    int8 = np.concatenate([w.argmax(-1) for w in exported.tag(ctx.val_texts)])
+    assert fp32.shape == int8.shape and (fp32 == int8).mean() >= 0.95
+    val = read_split(tagged_data, "validation", ("tokens", "tags"))
+    texts = read_split(tagged_data, "train", ("text",))["text"][:32]  # words joined by spaces
+    m = measure(tmp_path / "onnx", texts, eval_sets={"val": (val["tokens"], val["tags"])}, repeats=1)
+    assert m["metric"] == "entity_f1" and 0 <= m["val_accuracy"] <= 1 and m["latency_ms_b32"] > 0
+
+
+def test_compress_refuses_unlabelled_text_for_a_tagger_and_a_mismatched_model(tiny_encoder, tagged_data, sample_data,
+                                                                             tmp_path):
+    from jobs.modeling import load_pretrained_for_training
+
+    labels = json.loads((tagged_data / "labels.json").read_text())
+    model = load_pretrained_for_training(str(tiny_encoder), labels, "AutoModelForTokenClassification")
+    model.save_pretrained(tmp_path / "tagger")
+    load_tokenizer(tiny_encoder).save_pretrained(tmp_path / "tagger")
+    (tmp_path / "u.txt").write_text("some text\n")
+    with pytest.raises(InputError, match="unlabelled text distils only intent and sentiment"):
+        check_inputs(CompressConfig(model=tmp_path / "tagger", data=tagged_data, out=tmp_path / "o",
+                                    unlabelled=tmp_path / "u.txt"))
+    with pytest.raises(InputError, match="is an entity tagger but .* prepared for task 'intent'"):
+        check_inputs(CompressConfig(model=tmp_path / "tagger", data=sample_data, out=tmp_path / "o"))
+
+
+@pytest.mark.integration
+def test_the_search_compresses_a_fine_tuned_tagger_on_entity_f1(ray_session, finetuned_tagger, tagged_data, tmp_path):
+    out = tmp_path / "compress"
+    main(CompressConfig(model=finetuned_tagger, data=tagged_data, out=out, trials=2, max_accuracy_drop=100,
+                        latency_texts=32, search={**FAST_SPACE, "distill_layers": [0, 1]},
+                        initial_points=[{**POINT, "distill_layers": 0, "trim_vocab": False},  # ONNX int8 alone
+                                        {**POINT, "hidden_weight": 1.0}]))
+    metrics = json.loads((out / "chosen" / "metrics.json").read_text())
+    assert metrics["metric"] == "entity_f1" and "accuracy" not in metrics
+    for key in ("entity_f1", "macro_f1", "entity_f1_drop_pts", "speedup_b1", "size_reduction"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["trials"] == {"finished": 2, "total": 2}
+    report = (out / "report.md").read_text()
+    assert "val entity F1" in report and "validation entity F1 within" in report and "distil 1L" in report
+    chosen = load_inference_model(out / "chosen")
+    assert chosen.kind == "tagging" and chosen.labels == json.loads((tagged_data / "labels.json").read_text())

@@ -132,3 +132,47 @@ def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped — complete, inputs unchanged") == 4, again.stdout
     assert parse_summary(again.stdout) == rows
+
+
+def test_a_tagging_run_needs_data(tmp_path):
+    from slimray.run import RunConfig, start
+
+    with pytest.raises(ConfigError, match="task: 'ner' needs --data"):
+        start(RunConfig(task="ner", out=tmp_path / "run"))
+
+
+@pytest.mark.integration
+def test_the_pipeline_for_an_entity_tagger(isolated_network, tiny_encoder, tmp_path):
+    """`slimray run --task ner`: the same stages and report for a tagger, with the per-type table, the search
+    on entity F1 and the smoke test on /v1/entities, whose answers equal the model's in-process ones."""
+    from conftest import write_tagged_sample
+
+    source = write_tagged_sample(tmp_path / "tagged.conll")
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump({
+        "finetune": {"model": str(tiny_encoder), "workers": 2, "zero_stage": 2, "epochs": 3, "batch_size": 8,
+                     "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 16, "log_every": 5, "eval_batch_size": 64},
+        "compress": {"trials": 2, "max_accuracy_drop": 100, "asha": False, "latency_texts": 32,
+                     "search": {"distill_layers": [0, 1], "distill_epochs": [1], "prune_heads": [0.0],
+                                "prune_ffn": [0.0], "recovery_steps": [0], "trim_vocab": [True],
+                                "quantize": ["onnx-int8"]}},
+        "smoke": {"requests": 3, "batch_requests": 1},
+    }))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["SLIMRAY_STORAGE_ROOT"] = str(tmp_path / "storage")
+    args = [sys.executable, "-m", "slimray", "run", "--task", "ner", "--data", str(source), "--profile",
+            str(profile), "--out", str(out), "--port", str(free_port())]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    metrics = json.loads((out / "compress/chosen/metrics.json").read_text())
+    assert metrics["metric"] == "entity_f1" and json.loads((out / "data/manifest.json").read_text())["task"] == "ner"
+    smoke = json.loads((out / "smoke.json").read_text())
+    assert smoke["entities_requests"] == 3 and smoke["texts_checked"] == 3 + 32 and smoke["served_agreement"] == 1.0
+    report = (out / "report.md").read_text()
+    for needle in ("| entity type |", "| type | precision | recall | F1 | strict F1 | support |", "| location |",
+                   "*micro avg*", "val entity F1", "validation entity F1 within", "`/v1/entities`",
+                   "slimray serve --entity-model"):
+        assert needle in report, needle
+    assert "entity F1" in done.stdout[done.stdout.index("Base vs chosen"):]

@@ -5,7 +5,10 @@ chooses the fastest model on the accuracy x latency x size Pareto front that kee
     python -m tuning.compress --config tuning/configs/compress_banking77.yaml
 
 Each trial builds one candidate (``tuning.methods``), saves it as a loadable artifact in
-``OUT/search/<trial>``, and reports validation accuracy, macro-F1, latency and size. Optuna's
+``OUT/search/<trial>``, and reports validation accuracy, macro-F1, latency and size. An entity tagger
+(``--task ner`` data) goes through the same search with entity F1 and macro entity F1 in place of accuracy and
+macro-F1 (the ``val_accuracy`` / ``val_macro_f1`` keys of the search hold the task's score; ``metric`` says
+which), per-token KD, and no transfer set. Optuna's
 multi-objective sampler proposes the next trials; ASHA stops distillations that fall behind after an epoch
 (a trial stopped early never enters the Pareto front). Afterwards every finished candidate and the base
 model are measured again, one after another, under the same protocol (``tuning.measure``), so the
@@ -37,7 +40,8 @@ from jobs.artifacts import atomic_dir, file_sha256, manifest, read_json, write_j
 from jobs.config import Location, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
-from jobs.tasks import sequence_task
+from jobs.tasks import get_task
+from tuning.report import METRIC_WORDS
 
 log = logging.getLogger("slimray.compress")
 
@@ -116,10 +120,23 @@ class NoCandidateError(InputError):
 SHARED = "shared"  # the key of the param space holding what every trial shares (locations, limits, seed)
 
 
-def train_rows(data_dir: Path | str, limit: int | None) -> tuple[list[str], np.ndarray]:
-    """The first ``limit`` train texts (all without a limit) and their label ids."""
+def train_rows(data_dir: Path | str, limit: int | None, kind: str = "sequence") -> tuple[list[Any], Any]:
+    """The first ``limit`` train rows (all without a limit): texts and their label ids, or a tagger's sentences
+    (word lists) and their tag ids (a list per sentence)."""
+    if kind == "tagging":
+        rows = read_split(data_dir, "train", ("tokens", "tag_ids"))
+        return [list(t) for t in rows["tokens"][:limit]], [list(t) for t in rows["tag_ids"][:limit]]
     rows = read_split(data_dir, "train", ("text", "label_id"))
     return rows["text"][:limit], np.asarray(rows["label_id"][:limit])
+
+
+def eval_rows(data_dir: Path | str, split: str, kind: str) -> tuple[list[Any], list[Any]]:
+    """(texts, label names) of a split, or a tagger's (sentences, tag names per word)."""
+    if kind == "tagging":
+        rows = read_split(data_dir, split, ("tokens", "tags"))
+        return [list(t) for t in rows["tokens"]], [list(t) for t in rows["tags"]]
+    rows = read_split(data_dir, split, ("text", "label"))
+    return rows["text"], rows["label"]
 
 
 def plan_from_params(p: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -155,7 +172,7 @@ def trial(config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     # Inputs by path or URI, so a trial runs on any node (a URI is downloaded once per node, then cached).
     data_dir, teacher_dir, inputs = (local_copy(shared[k]) for k in ("data", "model", "inputs"))
-    val = read_split(data_dir, "validation", ("text", "label", "label_id"))
+    val = eval_rows(data_dir, "validation", shared["kind"])
 
     def on_epoch(epoch: int, acc: float) -> None:
         if epoch < params["distill_epochs"]:  # the last epoch's result comes with the full report
@@ -166,8 +183,8 @@ def trial(config: dict[str, Any]) -> None:
     cand = run_pipeline(Candidate(build_torch_model(teacher_dir, {}), load_tokenizer(teacher_dir)), ctx,
                         plan_from_params(params))
     build_s = time.perf_counter() - started
-    artifact, metrics = _save_and_measure(cand, shared, trial_id, read_json(inputs / "latency_texts.json"),
-                                          (val["text"], val["label"]), threads)
+    artifact, metrics = _save_and_measure(cand, shared, trial_id, read_json(inputs / "latency_texts.json"), val,
+                                          threads)
     ray.tune.report({
         "epoch": shared["max_epoch"], "final": True, "artifact": artifact, "build_s": build_s,
         "val_accuracy": metrics["val_accuracy"], "val_macro_f1": metrics["val_macro_f1"],
@@ -176,26 +193,32 @@ def trial(config: dict[str, Any]) -> None:
     })
 
 
-def _method_context(shared: dict[str, Any], data_dir: Path, inputs: Path, val: dict[str, list], threads: int,
+def _method_context(shared: dict[str, Any], data_dir: Path, inputs: Path, val: tuple[list, list], threads: int,
                     on_epoch: Any, augment: bool) -> Any:
-    """The ``tuning.methods.Context`` of a trial: train rows, the teacher's logits on them, validation, and
-    (with ``augment``) the transfer set with the teacher's logits on it."""
+    """The ``tuning.methods.Context`` of a trial: train rows, the teacher's logits on them, validation (label
+    names as ids of the teacher's labels), and (with ``augment``) the transfer set with the teacher's logits."""
     from tuning.methods import Context
 
-    texts, labels = train_rows(data_dir, shared["train_limit"])
+    kind = shared["kind"]
+    texts, labels = train_rows(data_dir, shared["train_limit"], kind)
+    ids = {name: i for i, name in enumerate(shared["labels"])}
+    val_labels: Any = ([[ids[t] for t in tags] for tags in val[1]] if kind == "tagging"
+                       else np.array([ids[name] for name in val[1]]))
+    logits = np.load(inputs / shared["teacher_logits"])
+    if kind == "tagging":  # one row per word, sentence after sentence
+        logits = logits[: sum(len(t) for t in texts)]
     extra: dict[str, Any] = {}
     if augment and shared["transfer_logits"]:
         extra = {"extra_texts": read_json(inputs / "transfer_texts.json"),
                  "extra_logits": np.load(inputs / shared["transfer_logits"])}
     return Context(
-        train_texts=texts, train_labels=labels,
-        teacher_logits=np.load(inputs / shared["teacher_logits"])[: len(texts)],
-        val_texts=val["text"], val_labels=np.asarray(val["label_id"]),
-        max_length=shared["max_length"], threads=threads, seed=shared["seed"], on_epoch=on_epoch, **extra)
+        train_texts=texts, train_labels=labels, teacher_logits=logits[: len(texts)] if kind != "tagging" else logits,
+        val_texts=val[0], val_labels=val_labels, max_length=shared["max_length"], threads=threads,
+        seed=shared["seed"], on_epoch=on_epoch, kind=kind, **extra)
 
 
 def _save_and_measure(cand: Any, shared: dict[str, Any], trial_id: str, latency_texts: list[str],
-                      val_set: tuple[list[str], list[str]], threads: int) -> tuple[str, dict[str, Any]]:
+                      val_set: tuple[list[Any], list[Any]], threads: int) -> tuple[str, dict[str, Any]]:
     """Saves the candidate in ``search/<trial>``, measures it there; returns (its location, metrics)."""
     from tuning.measure import measure
     from tuning.methods import save_candidate
@@ -238,12 +261,13 @@ def choose(rows: list[dict[str, Any]], base: dict[str, Any], max_drop_pts: float
     front = pareto_front(rows)
     eligible = [r for r in front if r["val_accuracy"] >= floor_acc and r["val_macro_f1"] >= floor_f1]
     if not eligible:
+        name = METRIC_WORDS[base.get("metric", "accuracy")]
         best = sorted(rows, key=lambda r: -r["val_accuracy"])[:5]
-        listing = "; ".join(f"{r['trial_id']}: val accuracy {r['val_accuracy']:.4f}, macro-F1 {r['val_macro_f1']:.4f}, "
-                            f"{r['latency_ms_b1']:.2f} ms" for r in best)
+        listing = "; ".join(f"{r['trial_id']}: val {name[0]} {r['val_accuracy']:.4f}, {name[1]} "
+                            f"{r['val_macro_f1']:.4f}, {r['latency_ms_b1']:.2f} ms" for r in best)
         raise NoCandidateError(
-            f"no candidate keeps validation accuracy >= {floor_acc:.4f} (base {base['val_accuracy']:.4f} - "
-            f"{max_drop_pts} points) and macro-F1 >= {floor_f1:.4f}; best candidates: {listing or 'none finished'}. "
+            f"no candidate keeps validation {name[0]} >= {floor_acc:.4f} (base {base['val_accuracy']:.4f} - "
+            f"{max_drop_pts} points) and {name[1]} >= {floor_f1:.4f}; best candidates: {listing or 'none finished'}. "
             "Raise --max-accuracy-drop, run more --trials, or widen the search space")
     return min(eligible, key=lambda r: (r["latency_ms_b1"], r["size_mb"]))
 
@@ -317,19 +341,24 @@ def first_points(cfg: CompressConfig, depth: int) -> list[dict[str, Any]]:
     return [{**defaults[0], **p} for p in cfg.initial_points] if cfg.initial_points else defaults
 
 
-def teacher_logits(model_dir: Path, texts: list[str], out: Path, name: str) -> Path:
-    """The fine-tuned model's logits on ``texts``, computed once per (model, texts) and cached in ``out``."""
+def teacher_logits(model_dir: Path, texts: list[Any], out: Path, name: str) -> Path:
+    """The fine-tuned model's logits on ``texts``, computed once per (model, texts) and cached in ``out``: (texts,
+    labels), or a tagger's (words, tags) on sentences (word lists), sentence after sentence."""
     from jobs.inference import load_inference_model
 
     weights = Path(model_dir) / "model.safetensors"
     model_key = file_sha256(weights) if weights.is_file() else str(model_dir)
     key = hashlib.sha256(model_key.encode())
     for text in texts:
-        key.update(text.encode() + b"\0")
+        key.update((text if isinstance(text, str) else "\x1f".join(text)).encode() + b"\0")
     path = out / f"{name}-{key.hexdigest()[:12]}.npy"
     if not path.is_file():
         log.info("teacher logits on %d %s texts (once; cached in %s)", len(texts), name.split("_")[0], path.name)
-        logits = load_inference_model(model_dir).logits(texts, batch_size=64, by_length=True)
+        model = load_inference_model(model_dir)
+        if model.kind == "tagging":
+            logits = np.concatenate(model.tag(texts, batch_size=64) or [np.zeros((0, len(model.labels)), np.float32)])
+        else:
+            logits = model.logits(texts, batch_size=64, by_length=True)
         partial = out / f".{path.name}.partial.npy"
         np.save(partial, logits)
         partial.rename(path)
@@ -342,6 +371,9 @@ def transfer_set(cfg: CompressConfig, inputs: SearchInputs, train: list[str], fo
     from jobs.modeling import load_tokenizer
     from tuning.transfer import build_transfer_set
 
+    if inputs.kind == "tagging":  # augmenting a tagged sentence would need tag-aware edits: not built
+        log.info("transfer set: none (an entity tagger distils on its train sentences)")
+        return {"logits": None, "texts": 0, "sources": {}, "dropped": {}}
     mask_token = load_tokenizer(inputs.model_dir).mask_token or "[MASK]"
     built = build_transfer_set(train, inputs.val[0] + inputs.test[0], copies=cfg.augment_copies, seed=cfg.seed,
                                mask_token=mask_token, unlabelled=inputs.unlabelled)
@@ -362,7 +394,10 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
 
     model_dir, data_dir = local_copy(cfg.model), local_copy(cfg.data)
     data_manifest = load_prepared(data_dir)
-    sequence_task(data_manifest["task"], "slimray compress")
+    task = get_task(data_manifest["task"])
+    if task.kind == "tagging" and cfg.unlabelled is not None:
+        raise InputError(f"--unlabelled {str(cfg.unlabelled)!r}: the data is prepared for entity tagging "
+                         f"(task {task.name!r}); unlabelled text distils only intent and sentiment classifiers")
     for split in ("validation", "test"):
         if not (data_dir / f"{split}.parquet").is_file():
             raise InputError(f"{cfg.data} has no {split} split: compression chooses on validation and reports on "
@@ -372,6 +407,9 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
     base = load_inference_model(model_dir)
     if base.backend != "torch":
         raise InputError(f"{cfg.model} is a {base.backend} artifact; compress the fine-tuned PyTorch model")
+    if (base.kind == "tagging") != (task.kind == "tagging"):
+        raise InputError(f"{cfg.model} is {'an entity tagger' if base.kind == 'tagging' else 'a text classifier'} "
+                         f"but {cfg.data} is prepared for task {task.name!r} ({task.kind})")
     missing = sorted(set(data_manifest["labels"]) - set(base.labels))
     if missing:
         raise InputError(f"the model does not know labels of {cfg.data}: {missing[:5]}; was it fine-tuned on this data?")
@@ -434,6 +472,7 @@ class SearchInputs:
     test: tuple[list[str], list[str]]
     latency_texts: list[str]  # test texts, the same for every model
     unlabelled: list[str]  # --unlabelled's texts (empty without it)
+    kind: str = "sequence"  # or "tagging": val and test hold sentences (word lists) and tag names per word
 
 
 def load_inputs(cfg: CompressConfig) -> SearchInputs:
@@ -444,16 +483,17 @@ def load_inputs(cfg: CompressConfig) -> SearchInputs:
     unlabelled = read_unlabelled(cfg.unlabelled) if cfg.unlabelled is not None else []
     data_manifest, base_model = check_inputs(cfg)
     model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
-    val, test = read_split(data_dir, "validation"), read_split(data_dir, "test")
+    kind = base_model.kind
+    val, test = eval_rows(data_dir, "validation", kind), eval_rows(data_dir, "test", kind)
+    test_texts = read_split(data_dir, "test", ("text",))["text"]  # a tagger's: its words joined by spaces
     rng = np.random.default_rng(cfg.seed)
-    latency_texts = [test["text"][i] for i in rng.permutation(len(test["text"]))[: cfg.latency_texts]]
+    latency_texts = [test_texts[i] for i in rng.permutation(len(test_texts))[: cfg.latency_texts]]
     if len(latency_texts) < 32:
-        raise InputError(f"the test split has {len(test['text'])} texts; latency at batch 32 needs at least 32")
+        raise InputError(f"the test split has {len(test_texts)} texts; latency at batch 32 needs at least 32")
     return SearchInputs(model_dir=model_dir, data_dir=data_dir, data_manifest=data_manifest,
                         labels=base_model.labels, max_length=int(base_model.max_length),
-                        depth=len(encoder_layers(load_classifier(model_dir)[0])),
-                        val=(val["text"], val["label"]), test=(test["text"], test["label"]), latency_texts=latency_texts,
-                        unlabelled=unlabelled)
+                        depth=len(encoder_layers(load_classifier(model_dir)[0])), val=val, test=test,
+                        latency_texts=latency_texts, unlabelled=unlabelled, kind=kind)
 
 
 def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output) -> dict[str, Any]:
@@ -465,7 +505,7 @@ def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output
     write_json(output.work / "compress_config.json", cfg.model_dump(mode="json"))
     folder = output.work / "inputs"
     folder.mkdir(exist_ok=True)
-    train, _ = train_rows(inputs.data_dir, cfg.train_limit)
+    train, _ = train_rows(inputs.data_dir, cfg.train_limit, inputs.kind)
     logits_path = teacher_logits(inputs.model_dir, train, folder, "teacher_logits")
     transfer = transfer_set(cfg, inputs, train, folder)
     write_json(folder / "transfer.json", {k: v for k, v in transfer.items() if k != "logits"})
@@ -477,7 +517,8 @@ def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output
     return {"model": storage.canonical(cfg.model), "data": storage.canonical(cfg.data), "inputs": location,
             "teacher_logits": logits_path.name, "transfer_logits": transfer["logits"], "search_dir": join(output.dest, "search"),
             "max_length": inputs.max_length, "train_limit": cfg.train_limit, "trial_cpus": cfg.trial_cpus,
-            "seed": cfg.seed, "max_epoch": max(cfg.search.distill_epochs)}
+            "seed": cfg.seed, "max_epoch": max(cfg.search.distill_epochs), "kind": inputs.kind,
+            "labels": inputs.labels}
 
 
 def run_search(cfg: CompressConfig, shared: dict[str, Any], depth: int, dest: Path | str) -> Any:
@@ -564,19 +605,20 @@ def chosen_metrics(chosen: dict[str, Any], base: dict[str, Any], inputs: SearchI
 
     scores = measure(local_copy(chosen["artifact"]), inputs.latency_texts, cfg.threads, {"test": inputs.test},
                      repeats=5)
+    metric = scores["metric"]  # "accuracy", or a tagger's "entity_f1": the key of the score below
     return {
-        "accuracy": scores["test_accuracy"], "macro_f1": scores["test_macro_f1"],
+        "metric": metric, metric: scores["test_accuracy"], "macro_f1": scores["test_macro_f1"],
         "latency_ms_b1": chosen["latency_ms_b1"], "latency_ms_b32": chosen["latency_ms_b32"],
         "size_mb": chosen["size_mb"], "split": "test", "backend": chosen["backend"],
-        "validation": {"accuracy": chosen["val_accuracy"], "macro_f1": chosen["val_macro_f1"]},
-        "base": {"accuracy": base["test_accuracy"], "macro_f1": base["test_macro_f1"],
+        "validation": {metric: chosen["val_accuracy"], "macro_f1": chosen["val_macro_f1"]},
+        "base": {metric: base["test_accuracy"], "macro_f1": base["test_macro_f1"],
                  "latency_ms_b1": base["latency_ms_b1"], "latency_ms_b32": base["latency_ms_b32"],
                  "size_mb": base["size_mb"],
-                 "validation": {"accuracy": base["val_accuracy"], "macro_f1": base["val_macro_f1"]}},
+                 "validation": {metric: base["val_accuracy"], "macro_f1": base["val_macro_f1"]}},
         "speedup_b1": base["latency_ms_b1"] / chosen["latency_ms_b1"],
         "speedup_b32": base["latency_ms_b32"] / chosen["latency_ms_b32"],
         "size_reduction": base["size_mb"] / chosen["size_mb"],
-        "accuracy_drop_pts": 100 * (base["test_accuracy"] - scores["test_accuracy"]),
+        f"{metric}_drop_pts": 100 * (base["test_accuracy"] - scores["test_accuracy"]),
         "latency_threads": cfg.threads,
         "trials": {"finished": sum(r["status"] == "finished" for r in trials), "total": len(trials)},
         "wall_s": round(time.time() - started, 1),
@@ -619,6 +661,9 @@ def main(cfg: CompressConfig) -> Path | str:
     started = time.time()
     output = open_output(cfg)
     inputs = load_inputs(cfg)
+    if inputs.kind == "tagging" and cfg.search.augment != [False]:
+        log.info("search.augment: [False] for an entity tagger (it has no transfer set)")
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"augment": [False]})})
     shared = write_trial_inputs(cfg, inputs, output)
     trials = collect_trials(run_search(cfg, shared, inputs.depth, output.dest))
     finished = [r for r in trials if r["status"] == "finished"]
@@ -634,8 +679,9 @@ def main(cfg: CompressConfig) -> Path | str:
     metrics = chosen_metrics(chosen, base, inputs, cfg, trials, started)
     write_chosen(output, chosen, metrics, cfg, inputs)
     write_reports(output, trials, base, chosen, metrics, cfg)
-    log.info("chosen %s: test accuracy %.4f (base %.4f), %.2f ms at batch 1 (%.1fx faster), %.1f MB (%.1fx smaller)",
-             chosen["trial_id"], metrics["accuracy"], metrics["base"]["accuracy"], metrics["latency_ms_b1"],
+    metric = metrics["metric"]
+    log.info("chosen %s: test %s %.4f (base %.4f), %.2f ms at batch 1 (%.1fx faster), %.1f MB (%.1fx smaller)",
+             chosen["trial_id"], METRIC_WORDS[metric][0], metrics[metric], metrics["base"][metric], metrics["latency_ms_b1"],
              metrics["speedup_b1"], metrics["size_mb"], metrics["size_reduction"])
     return output.chosen if output.remote else output.work / "chosen"
 

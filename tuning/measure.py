@@ -1,6 +1,10 @@
 """The measurement protocol every candidate and the base model go through, in the same run.
 
-Latency: real texts from the test split, tokenization excluded (inputs are tokenized up front), padding to
+Quality: the task's score under the keys ``<set>_accuracy`` and ``<set>_macro_f1`` (the search compares and
+constrains these): accuracy and macro-F1 of a classifier; entity F1 and macro entity F1 (seqeval's default
+mode) of a tagger, whose eval sets are sentences (word lists) with their tags. ``metric`` names which.
+
+Latency: real texts from the test split (a tagger's sentences joined by spaces: the same pieces), tokenization excluded (inputs are tokenized up front), padding to
 the longest text in each batch, ``threads`` intra-op threads (1 by default), a warm-up, then the median of
 repeated timed passes, at batch 1 and batch 32. Size: bytes of the weight files (MB = 10^6 bytes).
 """
@@ -15,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs.inference import InferenceModel, load_inference_model
-from jobs.tasks import accuracy_macro_f1
+from jobs.tasks import accuracy_macro_f1, tagging_metrics
 
 WEIGHT_FILES = ("model.safetensors", "model_int8.pt", "model.onnx", "pytorch_model.bin")
 
@@ -43,9 +47,20 @@ def latency_ms(model: InferenceModel, texts: Sequence[str], batch_size: int, war
     return 1000 * statistics.median(per_pass)
 
 
-def accuracy_f1(model: InferenceModel, texts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 (``jobs.tasks.accuracy_macro_f1``) of ``model`` on texts with label names."""
+def metric_name(model: InferenceModel) -> str:
+    """What ``accuracy_f1``'s "accuracy" is for this model: accuracy, or a tagger's entity F1."""
+    return "entity_f1" if model.kind == "tagging" else "accuracy"
+
+
+def accuracy_f1(model: InferenceModel, texts: Sequence[Any], labels: Sequence[Any]) -> dict[str, float]:
+    """Accuracy and macro-F1 (``jobs.tasks.accuracy_macro_f1``) of a classifier on texts with label names; of a
+    tagger on sentences (word lists) with tag names per word, entity F1 and macro entity F1 in their place."""
     name_to_id = {n: i for i, n in enumerate(model.labels)}
+    if model.kind == "tagging":
+        true = [[name_to_id[t] for t in tags] for tags in labels]
+        pred = [w.argmax(-1) for w in model.tag([list(s) for s in texts])]
+        scores = tagging_metrics(true, pred, model.labels)
+        return {"accuracy": scores["entity_f1"], "macro_f1": scores["macro_f1"]}
     y_true = np.array([name_to_id[n] for n in labels])
     return accuracy_macro_f1(y_true, model.logits(list(texts), batch_size=64, by_length=True).argmax(-1))
 
@@ -60,6 +75,7 @@ def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,
         "latency_ms_b32": latency_ms(model, latency_texts, 32, repeats=repeats, max_batches=4),
         "size_mb": weight_bytes(model_dir) / 1e6,
         "backend": model.backend,
+        "metric": metric_name(model),
     }
     for name, (texts, labels) in (eval_sets or {}).items():
         scores = accuracy_f1(model, texts, labels)

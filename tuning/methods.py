@@ -1,7 +1,9 @@
 """Compression methods: plain functions in one name -> function registry, composable in a pipeline.
 
-Each method takes a ``Candidate`` (an fp32 PyTorch classifier and its tokenizer) plus a ``Context`` (the
-train/validation texts, the teacher's logits on train, threads, seed) and returns a new candidate. Order in
+Each method takes a ``Candidate`` (an fp32 PyTorch classifier or entity tagger and its tokenizer) plus a
+``Context`` (the train/validation rows, the teacher's logits on train, threads, seed) and returns a new
+candidate. A tagger's rows are sentences (lists of words) with a tag per word; its losses compare each word's
+first piece (per-token KD), cut into windows of whole words as fine-tuning cuts them (``jobs.tagging``). Order in
 a pipeline: distil -> prune -> trim_vocab -> quantize. ``save_candidate`` writes any candidate as an artifact
 that ``jobs.inference.load_inference_model`` loads (backend torch, torch-int8 or onnx).
 """
@@ -24,7 +26,8 @@ from jobs.artifacts import write_json
 from jobs.batching import length_grouped_batches, token_lengths
 from jobs.inference import MODEL_INFO, quantize_dynamic_int8
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
-from jobs.tasks import accuracy_macro_f1
+from jobs.tagging import encode_windows, word_logits, word_windows
+from jobs.tasks import accuracy_macro_f1, tagging_metrics
 from tuning.onnx_export import ONNX_BACKENDS, write_onnx
 
 QUANTIZE_BACKENDS = ("none", "torch-int8", *ONNX_BACKENDS)
@@ -32,25 +35,31 @@ QUANTIZE_BACKENDS = ("none", "torch-int8", *ONNX_BACKENDS)
 
 @dataclass
 class Context:
-    """What every method may use. Teacher logits are on the train texts, in order.
+    """What every method may use. Teacher logits are on the train rows, in order.
+
+    A classifier's rows are texts with a label id each, and ``teacher_logits`` is (texts, labels). A tagger's
+    (``kind="tagging"``) are sentences, each a list of words with a list of tag ids, and ``teacher_logits`` is
+    (words of all sentences, tags), sentence after sentence, at each word's first piece.
 
     Extra texts have no gold label (teacher-labelled augmentations, in-domain unlabelled text): distillation
-    trains on them with the KD terms only; pruning's importance scores use the gold train rows alone.
+    trains on them with the KD terms only; pruning's importance scores use the gold train rows alone. Taggers
+    have none (their augmentations would need tag-aware edits).
     """
 
-    train_texts: list[str]
-    train_labels: np.ndarray
+    train_texts: list[Any]
+    train_labels: Any
     teacher_logits: np.ndarray
-    val_texts: list[str]
-    val_labels: np.ndarray
+    val_texts: list[Any]
+    val_labels: Any
     max_length: int
     threads: int = 1
     seed: int = 0
     batch_size: int = 32
     extra_texts: list[str] = field(default_factory=list)
     extra_logits: np.ndarray | None = None  # teacher logits on extra_texts, (len(extra_texts), teacher_logits cols)
-    # Called after each distillation epoch with (epoch, validation accuracy); a Tune trial reports through it.
+    # Called after each distillation epoch with (epoch, validation score); a Tune trial reports through it.
     on_epoch: Callable[[int, float], None] | None = None
+    kind: str = "sequence"  # or "tagging"
 
 
 @dataclass
@@ -67,36 +76,124 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
-def accuracy(model: Any, tokenizer: Any, texts: list[str], label_ids: Any, max_length: int) -> float:
-    """Accuracy of an fp32 PyTorch classifier on ``texts`` (leaves it in eval mode)."""
+@dataclass
+class Batch:
+    """One training batch: model inputs, and the rows the losses compare (texts, or a tagger's words)."""
+
+    inputs: dict[str, Any]  # torch tensors for model(**inputs)
+    rows: Callable[[Any], Any]  # model logits -> (rows, classes): a classifier's as they are, a tagger's words
+    teacher: Any  # (rows, classes) teacher logits
+    gold: Any  # (rows,) label ids, -1 where there is none
+
+
+class TextRows:
+    """A classifier's training rows: one text, one label id and one teacher logit row each."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], logits: np.ndarray, gold: np.ndarray, max_length: int):
+        import torch
+
+        self.tokenizer, self.texts, self.max_length = tokenizer, texts, max_length
+        self.logits, self.gold = torch.from_numpy(logits), torch.from_numpy(gold).long()
+        self.lengths = token_lengths(tokenizer, texts, max_length)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, idx: np.ndarray) -> Batch:
+        return Batch(_encode(self.tokenizer, [self.texts[i] for i in idx], self.max_length), lambda x: x,
+                     self.logits[idx], self.gold[idx])
+
+
+class WindowRows:
+    """A tagger's training rows: windows of whole words (``jobs.tagging.word_windows``, as fine-tuning cuts
+    them); the losses compare each word's first piece, with its tag and the teacher's logits for that word."""
+
+    def __init__(self, tokenizer: Any, sentences: list[list[str]], logits: np.ndarray, tags: list[Any],
+                 max_length: int):
+        import torch
+
+        self.windows = word_windows(tokenizer, sentences, max_length)
+        self.pad_id = tokenizer.pad_token_id
+        starts = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])  # first word of each sentence
+        if len(logits) != starts[-1]:
+            raise ValueError(f"teacher logits must have one row per word: {len(logits)} rows for {starts[-1]} words")
+        self.first = starts
+        self.logits = torch.from_numpy(logits)
+        self.gold = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in tags]
+                                                    or [np.zeros(0, np.int64)])).long()
+        self.lengths = np.array([len(w.ids) for w in self.windows])
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, idx: np.ndarray) -> Batch:
+        import torch
+
+        windows = [self.windows[i] for i in idx]
+        inputs = {k: torch.from_numpy(v) for k, v in encode_windows(windows, self.pad_id).items()}
+        row = np.concatenate([np.full(len(w.starts), r) for r, w in enumerate(windows)])
+        pos = np.concatenate([w.starts for w in windows])
+        word = np.concatenate([self.first[w.sentence] + w.first_word + np.arange(len(w.starts)) for w in windows])
+        return Batch(inputs, lambda x: x[row, pos], self.logits[word], self.gold[word])  # x: (B, T, tags)
+
+
+def training_rows(tokenizer: Any, ctx: Context, extra: bool = True) -> TextRows | WindowRows:
+    """The rows distillation trains on: train rows then (``extra``) the extra rows, whose gold label is -1."""
+    if ctx.kind == "tagging":
+        if ctx.extra_texts:
+            raise ValueError("an entity tagger distils on its train sentences only: extra_texts must be empty")
+        return WindowRows(tokenizer, ctx.train_texts, ctx.teacher_logits.astype(np.float32), ctx.train_labels,
+                          ctx.max_length)
+    classes = ctx.teacher_logits.shape[1]
+    more = np.zeros((0, classes), np.float32) if ctx.extra_logits is None or not extra else ctx.extra_logits
+    texts = list(ctx.extra_texts) if extra else []
+    if len(ctx.teacher_logits) != len(ctx.train_texts) or more.shape != (len(texts), classes):
+        raise ValueError(f"teacher logits must have one row per text: teacher_logits {ctx.teacher_logits.shape} for "
+                         f"{len(ctx.train_texts)} train texts, extra_logits {more.shape} for {len(texts)} "
+                         f"extra texts (with the {classes} columns of teacher_logits)")
+    logits = np.concatenate([ctx.teacher_logits, more]).astype(np.float32)
+    gold = np.concatenate([np.asarray(ctx.train_labels), np.full(len(texts), -1)])
+    return TextRows(tokenizer, list(ctx.train_texts) + texts, logits, gold, ctx.max_length)
+
+
+def predict_words(model: Any, tokenizer: Any, sentences: list[list[str]], max_length: int) -> list[np.ndarray]:
+    """A PyTorch tagger's (words, tags) logits per sentence, window by window (as ``InferenceModel.tag``)."""
+    import torch
+
+    windows = word_windows(tokenizer, sentences, max_length)
+    width = max((len(w.ids) for w in windows), default=1)
+    classes = model.config.num_labels
+    out = np.zeros((len(windows), width, classes), np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(windows), 128):
+            batch = encode_windows(windows[i:i + 128], tokenizer.pad_token_id)
+            logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+            out[i:i + len(logits), :logits.shape[1]] = logits
+    return word_logits(windows, out, [len(s) for s in sentences])
+
+
+def score(model: Any, tokenizer: Any, texts: list[Any], labels: Any, max_length: int, kind: str = "sequence") -> float:
+    """The task's score of an fp32 PyTorch model (leaves it in eval mode): accuracy of a classifier on texts
+    with label ids; entity F1 (seqeval's default mode) of a tagger on sentences with tag ids per word."""
     import torch
 
     model.eval()
+    if kind == "tagging":
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        pred = [w.argmax(-1) for w in predict_words(model, tokenizer, texts, max_length)]
+        return tagging_metrics(labels, pred, names)["entity_f1"]
     preds = []
     with torch.inference_mode():
         for i in range(0, len(texts), 128):
             preds.append(model(**_encode(tokenizer, texts[i:i + 128], max_length)).logits.argmax(-1))
-    return accuracy_macro_f1(np.asarray(label_ids), torch.cat(preds).numpy())["accuracy"]
+    return accuracy_macro_f1(np.asarray(labels), torch.cat(preds).numpy())["accuracy"]
 
 
-def val_accuracy(model: Any, tokenizer: Any, ctx: Context) -> float:
-    """Accuracy of an fp32 model on the context's validation texts (leaves it in train mode)."""
-    acc = accuracy(model, tokenizer, ctx.val_texts, ctx.val_labels, ctx.max_length)
+def val_score(model: Any, tokenizer: Any, ctx: Context) -> float:
+    """The task's score of an fp32 model on the context's validation rows (leaves it in train mode)."""
+    value = score(model, tokenizer, ctx.val_texts, ctx.val_labels, ctx.max_length, ctx.kind)
     model.train()
-    return acc
-
-
-def _transfer_rows(ctx: Context) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Train rows then extra rows: texts, teacher logits, gold label ids (-1 on extra rows: they have none)."""
-    classes = ctx.teacher_logits.shape[1]
-    extra = np.zeros((0, classes), np.float32) if ctx.extra_logits is None else ctx.extra_logits
-    if len(ctx.teacher_logits) != len(ctx.train_texts) or extra.shape != (len(ctx.extra_texts), classes):
-        raise ValueError(f"teacher logits must have one row per text: teacher_logits {ctx.teacher_logits.shape} for "
-                         f"{len(ctx.train_texts)} train texts, extra_logits {extra.shape} for {len(ctx.extra_texts)} "
-                         f"extra texts (with the {classes} columns of teacher_logits)")
-    logits = np.concatenate([ctx.teacher_logits, extra]).astype(np.float32)
-    gold = np.concatenate([np.asarray(ctx.train_labels), np.full(len(ctx.extra_texts), -1)])
-    return list(ctx.train_texts) + list(ctx.extra_texts), logits, gold
+    return value
 
 
 def _keep_output(slot: dict[str, Any], name: str, module: Any, args: Any, output: Any) -> None:
@@ -156,7 +253,7 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
              alpha: float, max_steps: int | None = None, freeze_embeddings: bool = True, teacher: Any = None,
              layer_map: list[int] | None = None, hidden_weight: float = 0.0,
              attention_weight: float = 0.0) -> list[dict[str, float]]:
-    """Trains on the train + extra rows with alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE, the CE
+    """Trains on the train + extra rows (a tagger's: each word's first piece) with alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE, the CE
     on train rows only (extra rows have no gold label), plus intermediate-layer terms when their weights are > 0:
     ``hidden_weight`` * hidden-state MSE and ``attention_weight`` * attention-relation KL, student layer i against
     layer ``layer_map[i]`` of ``teacher`` (a model with the same hidden size, run on every batch without grad).
@@ -182,14 +279,12 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    texts, teacher_logits, gold = _transfer_rows(ctx)
-    n = len(texts)
+    rows = training_rows(tokenizer, ctx)
+    n = len(rows)
     steps_per_epoch = max(1, n // ctx.batch_size)
     total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * total), total)
     rng = np.random.default_rng(ctx.seed)
-    lengths = token_lengths(tokenizer, texts, ctx.max_length)
-    teacher_logits, labels = torch.from_numpy(teacher_logits), torch.from_numpy(gold).long()
     weights = {"kd": alpha, "ce": 1 - alpha, "hidden": hidden_weight, "attention": attention_weight}
     student_qkv, teacher_qkv, hooks = [], [], []
     if attention_weight > 0:
@@ -200,13 +295,14 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
         teacher.eval()
 
     def batch_losses(idx: np.ndarray) -> dict[str, Any]:
-        batch = _encode(tokenizer, [texts[i] for i in idx], ctx.max_length)
+        rows_batch = rows.batch(idx)
+        batch = rows_batch.inputs
         out = model(**batch, output_hidden_states=hidden_weight > 0)
-        y = labels[idx]
+        logits, y = rows_batch.rows(out.logits), rows_batch.gold  # (rows, classes): texts, or a tagger's words
         losses = {
-            "kd": F.kl_div(F.log_softmax(out.logits / temperature, -1),
-                           F.softmax(teacher_logits[idx] / temperature, -1), reduction="batchmean") * temperature**2,
-            "ce": F.cross_entropy(out.logits[y >= 0], y[y >= 0]) if (y >= 0).any() else out.logits.new_zeros(()),
+            "kd": F.kl_div(F.log_softmax(logits / temperature, -1),
+                           F.softmax(rows_batch.teacher / temperature, -1), reduction="batchmean") * temperature**2,
+            "ce": F.cross_entropy(logits[y >= 0], y[y >= 0]) if (y >= 0).any() else logits.new_zeros(()),
         }
         if intermediate:
             with torch.no_grad():
@@ -223,7 +319,7 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
     step = 0
     try:
         while step < total:  # rows of similar length share a batch: on short texts about half the padding
-            batches = [b for b in length_grouped_batches(lengths, ctx.batch_size, rng)
+            batches = [b for b in length_grouped_batches(rows.lengths, ctx.batch_size, rng)
                        if len(b) == ctx.batch_size] or [rng.permutation(n)]
             sums: dict[str, float] = {}
             for b, idx in enumerate(batches[:steps_per_epoch]):
@@ -242,7 +338,7 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
             epoch = math.ceil(step / steps_per_epoch)
             history.append({"epoch": epoch, "steps": b + 1, **{k: round(v / (b + 1), 6) for k, v in sums.items()}})
             if ctx.on_epoch is not None and max_steps is None:
-                ctx.on_epoch(epoch, val_accuracy(model, tokenizer, ctx))
+                ctx.on_epoch(epoch, val_score(model, tokenizer, ctx))
     finally:
         for hook in hooks:
             hook.remove()
@@ -293,10 +389,10 @@ def _importance(model: Any, tokenizer: Any, ctx: Context, kind: str, batches: in
         model.zero_grad()
         model.train()
         rng = np.random.default_rng(ctx.seed)
+        rows = training_rows(tokenizer, ctx, extra=False)
         for _ in range(batches):
-            idx = rng.choice(len(ctx.train_texts), size=min(ctx.batch_size, len(ctx.train_texts)), replace=False)
-            logits = model(**_encode(tokenizer, [ctx.train_texts[i] for i in idx], ctx.max_length)).logits
-            F.cross_entropy(logits, torch.from_numpy(ctx.train_labels[idx]).long()).backward()
+            batch = rows.batch(rng.choice(len(rows), size=min(ctx.batch_size, len(rows)), replace=False))
+            F.cross_entropy(batch.rows(model(**batch.inputs).logits), batch.gold).backward()
         score = lambda w: (w.weight * w.weight.grad).abs()  # noqa: E731
     elif kind == "magnitude":
         score = lambda w: w.weight.abs()  # noqa: E731
@@ -407,10 +503,11 @@ def _single_char_pieces(tok: Any, model: dict[str, Any], pre_tokenizer: str | No
     return pieces
 
 
-def _kept_tokens(tok: Any, texts: list[str]) -> tuple[list[int], int]:
-    """Token ids trimming keeps: added and special tokens, the tokens of ``texts``, the one-character pieces
-    (``_single_char_pieces``) and, for BPE, the merge parts of all of those, so that ``texts`` segment exactly
-    as before. Returns (sorted ids, number of one-character pieces)."""
+def _kept_tokens(tok: Any, texts: list[Any]) -> tuple[list[int], int]:
+    """Token ids trimming keeps: added and special tokens, the tokens of ``texts`` (strings, or a tagger's
+    sentences as word lists), the one-character pieces (``_single_char_pieces``) and, for BPE, the merge parts
+    of all of those, so that ``texts`` segment exactly as before. Returns (sorted ids, number of one-character
+    pieces)."""
     spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec["model"]
     if model["type"] not in ("WordPiece", "BPE"):
@@ -419,8 +516,10 @@ def _kept_tokens(tok: Any, texts: list[str]) -> tuple[list[int], int]:
     singles = _single_char_pieces(tok, model, (spec.get("pre_tokenizer") or {}).get("type"))
     keep = set(tok.all_special_ids) | {added["id"] for added in spec.get("added_tokens", [])}
     keep |= {vocab[p] for p in singles}
+    words = bool(texts) and not isinstance(texts[0], str)  # a tagger's sentences: pieces as its windows make them
     for i in range(0, len(texts), 1024):
-        for ids in tok(texts[i:i + 1024], truncation=False)["input_ids"]:
+        chunk = [list(t) for t in texts[i:i + 1024]] if words else texts[i:i + 1024]
+        for ids in tok(chunk, truncation=False, is_split_into_words=words)["input_ids"]:
             keep.update(ids)
     # BPE reaches a token through the merge that made it: keep both parts, recursively.
     parts: dict[str, list[str]] = {}
@@ -502,6 +601,7 @@ def save_candidate(cand: Candidate, out: Path, max_length: int) -> Path:
     cand.tokenizer.save_pretrained(out)
     shapes = layer_shapes(model)
     config = model.config
+    config.architectures = [type(model).__name__]  # what loaders read to tell a tagger from a classifier
     pruned = any(s["heads"] != config.num_attention_heads or s["ffn"] != config.intermediate_size for s in shapes)
     info: dict[str, Any] = {
         "id2label": {str(k): v for k, v in config.id2label.items()},

@@ -25,7 +25,8 @@ FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "
 
 
 def export_onnx(model: Any, tokenizer: Any, path: Path, attention: str | None = None) -> None:
-    """Exports an fp32 classifier to ONNX (opset 17) with dynamic batch and sequence axes.
+    """Exports an fp32 classifier or tagger to ONNX (opset 17) with dynamic batch and sequence axes (a tagger's
+    logits, one row per piece, have both).
 
     ``attention="eager"`` exports the explicit softmax(QK^T)V graph that ONNX Runtime's optimizer recognises
     as attention (the default SDPA export is a pattern it cannot fuse).
@@ -37,7 +38,10 @@ def export_onnx(model: Any, tokenizer: Any, path: Path, attention: str | None = 
         model.set_attn_implementation(attention)
     enc = tokenizer(["a short example", "another slightly longer example text"], padding=True, return_tensors="pt")
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    axes = {k: {0: "batch", 1: "sequence"} for k in names} | {"logits": {0: "batch"}}
+    with torch.inference_mode():
+        per_piece = model.eval()(**enc).logits.dim() == 3  # (B, T, tags) of a tagger; (B, labels) otherwise
+    axes = {k: {0: "batch", 1: "sequence"} for k in [*names, *(["logits"] if per_piece else [])]}
+    axes.setdefault("logits", {0: "batch"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), tuple(enc[k] for k in names), str(path), input_names=names,

@@ -10,13 +10,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-# (column title, metrics.json key, decimals) of the base-vs-chosen table.
-SUMMARY_COLUMNS = (("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("latency b1 (ms)", "latency_ms_b1", 3),
-                   ("latency b32 (ms)", "latency_ms_b32", 2), ("size (MB)", "size_mb", 2))
-TRIAL_TABLE_HEADER = [
-    "| trial | status | pipeline | val accuracy | val macro-F1 | latency b1 (ms) | latency b32 (ms) | size (MB) | Pareto |",
-    "|---|---|---|---|---|---|---|---|---|",
-]
+# The words for the task's score (``metric`` in the measurements): a classifier's, a tagger's.
+METRIC_WORDS = {"accuracy": ("accuracy", "macro-F1"), "entity_f1": ("entity F1", "macro entity F1")}
+
+
+def summary_columns(metric: str = "accuracy") -> tuple[tuple[str, str, int], ...]:
+    """(column title, metrics.json key, decimals) of the base-vs-chosen table."""
+    score, macro = METRIC_WORDS[metric]
+    return ((score, metric, 4), (macro, "macro_f1", 4), ("latency b1 (ms)", "latency_ms_b1", 3),
+            ("latency b32 (ms)", "latency_ms_b32", 2), ("size (MB)", "size_mb", 2))
+
+
+def trial_table_header(metric: str = "accuracy") -> list[str]:
+    score, macro = METRIC_WORDS[metric]
+    return [f"| trial | status | pipeline | val {score} | val {macro} | latency b1 (ms) | latency b32 (ms) | size (MB) "
+            "| Pareto |", "|---|---|---|---|---|---|---|---|---|"]
+
+
+SUMMARY_COLUMNS = summary_columns()
+TRIAL_TABLE_HEADER = trial_table_header()
 
 
 def describe_pipeline(pipeline: list[dict[str, Any]] | None) -> str:
@@ -48,36 +60,39 @@ def _measured_cells(r: dict[str, Any]) -> str:
             f"{r['latency_ms_b32']:.1f} | {r['size_mb']:.1f}")
 
 
-def _trial_row(r: dict[str, Any], chosen_id: str | None) -> str:
+def _trial_row(r: dict[str, Any], chosen_id: str | None, metric: str) -> str:
     if r["status"] == "finished":
         mark = "**chosen**" if r["trial_id"] == chosen_id else ("yes" if r.get("pareto") else "")
         return f"| {r['trial_id']} | finished | {describe_pipeline(r['pipeline'])} | {_measured_cells(r)} | {mark} |"
-    detail = r.get("error") or (f"val accuracy {r['val_accuracy']:.4f} after epoch {r['epoch']}"
+    detail = r.get("error") or (f"val {METRIC_WORDS[metric][0]} {r['val_accuracy']:.4f} after epoch {r['epoch']}"
                                 if r.get("val_accuracy") is not None else "")
     return f"| {r['trial_id']} | {r['status']} | {detail} | | | | | | |"
 
 
 def trial_table(trials: list[dict[str, Any]], base: dict[str, Any], chosen_id: str | None) -> list[str]:
     """Markdown lines of the table of every trial: the base model first, then finished trials by validation
-    accuracy, then those stopped early or failed (with the reason).
+    score (accuracy, or a tagger's entity F1: the base's ``metric``), then those stopped early or failed (with
+    the reason).
 
     Args:
         trials: Rows as ``tuning.compress`` collects them (``trials.json``'s ``trials``).
         base: The base model's measurements (``val_accuracy``, ``latency_ms_b1``, ...).
         chosen_id: Trial id marked **chosen**; None when nothing was chosen.
     """
-    lines = TRIAL_TABLE_HEADER + [f"| base | — | fine-tuned fp32 | {_measured_cells(base)} | |"]
+    metric = base.get("metric", "accuracy")
+    lines = trial_table_header(metric) + [f"| base | — | fine-tuned fp32 | {_measured_cells(base)} | |"]
     ordered = sorted(trials, key=lambda r: (r["status"] != "finished", -(r.get("val_accuracy") or 0)))
-    return lines + [_trial_row(r, chosen_id) for r in ordered]
+    return lines + [_trial_row(r, chosen_id, metric) for r in ordered]
 
 
 def summary_rows(m: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """Rows of the base-vs-chosen table, straight from ``chosen/metrics.json``."""
-    base = m["base"]
+    base, metric = m["base"], m.get("metric", "accuracy")
+    columns = summary_columns(metric)
     return [
-        ("base (fine-tuned)", [f"{base[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
-        ("chosen", [f"{m[k]:.{d}f}" for _, k, d in SUMMARY_COLUMNS]),
-        ("ratio", [f"{-m['accuracy_drop_pts']:+.2f} pts", f"{100 * (m['macro_f1'] - base['macro_f1']):+.2f} pts",
+        ("base (fine-tuned)", [f"{base[k]:.{d}f}" for _, k, d in columns]),
+        ("chosen", [f"{m[k]:.{d}f}" for _, k, d in columns]),
+        ("ratio", [f"{-m[f'{metric}_drop_pts']:+.2f} pts", f"{100 * (m['macro_f1'] - base['macro_f1']):+.2f} pts",
                    f"{m['speedup_b1']:.2f}x faster", f"{m['speedup_b32']:.2f}x faster",
                    f"{m['size_reduction']:.2f}x smaller"]),
     ]
@@ -85,13 +100,15 @@ def summary_rows(m: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 def summary_markdown(m: dict[str, Any]) -> str:
     """The base-vs-chosen table of ``chosen/metrics.json`` as markdown."""
-    lines = ["| | " + " | ".join(t for t, _, _ in SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    columns = summary_columns(m.get("metric", "accuracy"))
+    lines = ["| | " + " | ".join(t for t, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in summary_rows(m)]
     return "\n".join(lines)
 
 
 def plot_pareto(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], chosen: dict[str, Any] | None) -> None:
-    """Validation accuracy against batch-1 latency (log scale), marker area growing with size."""
+    """Validation score (accuracy, or entity F1) against batch-1 latency (log scale), marker area growing with
+    size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +130,7 @@ def plot_pareto(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], ch
     ax.set_xscale("log")
     ax.margins(0.12)
     ax.set_xlabel("latency at batch 1 (ms, log scale)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {METRIC_WORDS[base.get('metric', 'accuracy')][0]} (%)")
     ax.set_title("Compression candidates (marker area ~ size in MB)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, markerscale=0.5)
@@ -152,11 +169,12 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
         cfg: The ``CompressConfig`` of the search.
     """
     finished = [r for r in trials if r["status"] == "finished"]
+    score, macro = METRIC_WORDS[base.get("metric", "accuracy")]
     lines = [
         "# Compression search",
         "",
         f"Model `{cfg.model}`, data `{cfg.data}`; {len(trials)} trials ({len(finished)} finished). "
-        f"Constraint: validation accuracy within {cfg.max_accuracy_drop} points of the base model, macro-F1 within "
+        f"Constraint: validation {score} within {cfg.max_accuracy_drop} points of the base model, {macro} within "
         f"{2 * cfg.max_accuracy_drop} points. Latency: median of repeated passes, {cfg.threads} thread(s), "
         "tokenization excluded, padding to the longest text in each batch, measured one model after another "
         "after the search.",
