@@ -147,7 +147,7 @@ def test_the_pipeline_for_an_entity_tagger(isolated_network, tiny_encoder, tmp_p
     on entity F1 and the smoke test on /v1/entities, whose answers equal the model's in-process ones."""
     from conftest import write_tagged_sample
 
-    source = write_tagged_sample(tmp_path / "tagged.conll")
+    source = write_tagged_sample(tmp_path / "tagged.conll", sentences=500)  # a test split of >= 32 sentences
     profile = tmp_path / "tiny.yaml"
     profile.write_text(yaml.safe_dump({
         "finetune": {"model": str(tiny_encoder), "workers": 2, "zero_stage": 2, "epochs": 3, "batch_size": 8,

@@ -89,7 +89,8 @@ class CompressConfig(StrictModel):
     trial_cpus: float = Field(default=1.0, gt=0, description="CPUs per trial; trials run in parallel on the rest")
     train_limit: int | None = Field(default=None, ge=1, description="Smoke knob: use at most this many train "
                                     "rows for distillation and pruning")
-    latency_texts: int = Field(default=64, ge=32, description="Test texts used for latency (>= 32)")
+    latency_texts: int = Field(default=64, ge=32, description="Texts used for latency: test texts, topped up from "
+                               "validation then train when the test split has fewer")
     augment_copies: int = Field(default=1, ge=0, description="Augmented copies of each train text in the "
                                 "transfer set (masking, deletion, swaps, span mixing; teacher-labelled; "
                                 "0 = none)")
@@ -485,15 +486,24 @@ def load_inputs(cfg: CompressConfig) -> SearchInputs:
     model_dir, data_dir = local_copy(cfg.model).resolve(), local_copy(cfg.data).resolve()
     kind = base_model.kind
     val, test = eval_rows(data_dir, "validation", kind), eval_rows(data_dir, "test", kind)
-    test_texts = read_split(data_dir, "test", ("text",))["text"]  # a tagger's: its words joined by spaces
-    rng = np.random.default_rng(cfg.seed)
-    latency_texts = [test_texts[i] for i in rng.permutation(len(test_texts))[: cfg.latency_texts]]
-    if len(latency_texts) < 32:
-        raise InputError(f"the test split has {len(test_texts)} texts; latency at batch 32 needs at least 32")
+    latency_texts = pick_latency_texts(data_dir, cfg.latency_texts, cfg.seed)
     return SearchInputs(model_dir=model_dir, data_dir=data_dir, data_manifest=data_manifest,
                         labels=base_model.labels, max_length=int(base_model.max_length),
                         depth=len(encoder_layers(load_classifier(model_dir)[0])), val=val, test=test,
                         latency_texts=latency_texts, unlabelled=unlabelled, kind=kind)
+
+
+def pick_latency_texts(data_dir: Path, count: int, seed: int) -> list[str]:
+    """``count`` texts to time every model on: test texts in seeded order, topped up from validation, then train,
+    when the test split is smaller (a tagger's texts are its words joined by spaces: the same pieces)."""
+    rng = np.random.default_rng(seed)
+    picked: list[str] = []
+    for split in ("test", "validation", "train"):
+        texts = read_split(data_dir, split, ("text",))["text"]
+        picked += [texts[i] for i in rng.permutation(len(texts))[: count - len(picked)]]
+        if len(picked) >= count:
+            return picked
+    raise InputError(f"{data_dir} has {len(picked)} texts in all; latency at batch 32 needs at least 32")
 
 
 def write_trial_inputs(cfg: CompressConfig, inputs: SearchInputs, output: Output) -> dict[str, Any]:
