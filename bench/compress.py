@@ -1,6 +1,10 @@
-"""Compression benchmark on the BANKING77 model saved by bench/finetune.py, side by side in one run.
+"""Compression benchmark on the BANKING77 model saved by bench/finetune.py (or any fine-tuned classifier or
+entity tagger with --model/--data), side by side in one run.
 
     unshare -n sh -c 'ip link set lo up; SLIMRAY_STORAGE_ROOT=runs .venv/bin/python bench/compress.py'
+    ... bench/compress.py --model runs/wnut/ft --data runs/wnut/data --out runs/wnut/compress   # a tagger
+
+A tagger's score is entity F1 (seqeval's default mode) wherever a classifier's is accuracy.
 
 Every model goes through the same protocol (tuning.measure: test texts, tokenization excluded, padding to the
 longest, warm-up, median of repeats, batch 1 and 32; size = weight-file bytes), one after another, at 1 and
@@ -39,19 +43,19 @@ import yaml  # noqa: E402
 
 from cluster.settings import get_settings  # noqa: E402
 from jobs.artifacts import read_json  # noqa: E402
-from jobs.inference import build_torch_model  # noqa: E402
+from jobs.inference import build_torch_model, load_inference_model  # noqa: E402
 from jobs.modeling import load_tokenizer  # noqa: E402
 from jobs.prepare import read_split  # noqa: E402
-from tuning.compress import CompressConfig, train_rows  # noqa: E402
+from tuning.compress import CompressConfig, eval_rows, train_rows  # noqa: E402
 from tuning.compress import main as compress  # noqa: E402
 from tuning.measure import measure  # noqa: E402
 from tuning.methods import Candidate, Context, run_pipeline, save_candidate  # noqa: E402
-from tuning.report import describe_pipeline  # noqa: E402
+from tuning.report import METRIC_WORDS, describe_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BASE, CHOSEN = "fine-tuned fp32 (teacher)", "chosen by the search"
 UNFUSED, FUSED = "ONNX Runtime dynamic int8 (plain export)", "ONNX fused graph + dynamic int8 (one-step optimum-style)"
-DISTILLED = "distillation to 2 layers (KD + intermediate + transfer set), fp32"
+DISTILLED = "distillation to 2 layers (KD + intermediate layers + the transfer set, if the task has one), fp32"
 # The baselines, and each method alone, built here with the same context.
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     UNFUSED: {"quantize": {"backend": "onnx-int8-unfused"}},
@@ -82,15 +86,18 @@ def parse_args() -> argparse.Namespace:
 def build_alone(args: argparse.Namespace, skip: bool) -> dict[str, Path]:
     """Builds every plan of ``PLANS`` into ``OUT/alone/m<i>``; returns name -> folder."""
     max_length = read_json(args.model / "manifest.json")["max_length"]
-    texts, labels = train_rows(args.data, None)
-    val = read_split(args.data, "validation", ("text", "label_id"))
+    kind = args.kind
+    texts, labels = train_rows(args.data, None, kind)
+    val = read_split(args.data, "validation", ("tokens", "tag_ids") if kind == "tagging" else ("text", "label_id"))
     inputs = args.out / "inputs"
     shared = read_json(args.out / "compress_config.json")
     logits = sorted(inputs.glob("teacher_logits-*.npy"))[-1]  # what the search computed (same model, data)
     transfer = sorted(inputs.glob("transfer_logits-*.npy"))
-    ctx = Context(train_texts=texts, train_labels=labels, teacher_logits=np.load(logits)[: len(texts)],
-                  val_texts=val["text"], val_labels=np.asarray(val["label_id"]), max_length=max_length, threads=2,
-                  seed=shared["seed"])
+    ctx = Context(train_texts=texts, train_labels=labels,
+                  teacher_logits=np.load(logits) if kind == "tagging" else np.load(logits)[: len(texts)],
+                  val_texts=val["tokens" if kind == "tagging" else "text"],
+                  val_labels=val["tag_ids"] if kind == "tagging" else np.asarray(val["label_id"]),
+                  max_length=max_length, threads=2, seed=shared["seed"], kind=kind)
     transfer_ctx = Context(**{**ctx.__dict__, "extra_texts": read_json(inputs / "transfer_texts.json"),
                               "extra_logits": np.load(transfer[-1])}) if transfer else ctx
     tokenizer = load_tokenizer(args.model)
@@ -117,20 +124,21 @@ def search_config(args: argparse.Namespace) -> CompressConfig:
     return CompressConfig(model=args.model, data=args.data, out=args.out, overwrite=True, **section)
 
 
-def measure_all(dirs: dict[str, Path], latency_texts: list[str], test: dict[str, list]) -> dict[str, dict]:
+def measure_all(dirs: dict[str, Path], latency_texts: list[str], test: tuple[list, list]) -> dict[str, dict]:
     rows = {}
     for name, d in dirs.items():
-        rows[name] = measure(d, latency_texts, 1, {"test": (test["text"], test["label"])})
+        rows[name] = measure(d, latency_texts, 1, {"test": test})
         two = measure(d, latency_texts, 2)
         rows[name].update(latency_ms_b1_2t=two["latency_ms_b1"], latency_ms_b32_2t=two["latency_ms_b32"])
     return rows
 
 
-def print_table(rows: dict[str, dict[str, Any]], strong: str) -> None:
+def print_table(rows: dict[str, dict[str, Any]], strong: str, data: Path) -> None:
     base, alt = rows[BASE], rows[strong]
-    print(f"\n## Compression of MiniLM-L6 fine-tuned on BANKING77 (test split, one run; ratios vs fp32 and vs "
+    score = METRIC_WORDS[base["metric"]][0]
+    print(f"\n## Compression of the model fine-tuned on {data} (test split, one run; ratios vs fp32 and vs "
           f"'{strong}')")
-    print("| model | test acc | vs fp32 (pts) | b1 ms 1t | b1 ms 2t | b32 ms 1t | b32 ms 2t | MB | b1 1t vs fp32 "
+    print(f"| model | test {score} | vs fp32 (pts) | b1 ms 1t | b1 ms 2t | b32 ms 1t | b32 ms 2t | MB | b1 1t vs fp32 "
           "| b1 1t vs baseline | b1 2t vs baseline | b32 1t vs baseline | smaller vs baseline |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -162,6 +170,7 @@ def main() -> None:
     if not (args.model / "metrics.json").is_file():
         raise SystemExit(f"{args.model} not found: run bench/finetune.py first (or pass --model)")
     started = time.time()
+    args.kind = load_inference_model(args.model).kind
     cfg = search_config(args)
     # 1. The search (writes OUT/chosen, report.md, pareto.png; resumes an interrupted search).
     compress(cfg)
@@ -171,16 +180,17 @@ def main() -> None:
     for r in trials:
         if r["status"] == "finished":
             dirs[f"search {r['trial_id']}: {describe_pipeline(r['pipeline'])}"] = Path(r["artifact"])
-    test = read_split(args.data, "test")
-    rows = measure_all(dirs, read_json(args.out / "inputs" / "latency_texts.json"), test)
+    rows = measure_all(dirs, read_json(args.out / "inputs" / "latency_texts.json"),
+                       eval_rows(args.data, "test", args.kind))
     strong = min((UNFUSED, FUSED), key=lambda n: rows[n]["latency_ms_b1"])
-    print_table(rows, strong)
+    print_table(rows, strong, args.data)
     base, alt, c = rows[BASE], rows[strong], rows[CHOSEN]
     pipeline = read_json(args.out / "chosen" / "slimray_model.json")["pipeline"]
     print(f"\nchosen: {describe_pipeline(pipeline)}")
     print(f"goals vs '{strong}': >= 2x faster at batch 1, 1 thread: {alt['latency_ms_b1'] / c['latency_ms_b1']:.2f}x; "
-          f">= 3x smaller: {alt['size_mb'] / c['size_mb']:.2f}x; test accuracy drop <= 1.0 pt: "
-          f"{100 * (base['test_accuracy'] - c['test_accuracy']):.2f} pts; teacher >= 0.925: {base['test_accuracy']:.4f}; "
+          f">= 3x smaller: {alt['size_mb'] / c['size_mb']:.2f}x; test {METRIC_WORDS[base['metric']][0]} drop <= 1.0 pt: "
+          f"{100 * (base['test_accuracy'] - c['test_accuracy']):.2f} pts; teacher (>= 0.925 on BANKING77): "
+          f"{base['test_accuracy']:.4f}; "
           f"wall {time.time() - started:.0f} s")
     print(frontier(rows, strong))
     print(f"load average after: {os.getloadavg()}")

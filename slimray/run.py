@@ -294,13 +294,15 @@ def run_smoke(run: Run) -> None:
 
         texts, labels = read_test_split(run.data_dir)  # a tagger's: sentences as text (words joined by spaces)
         n, batches = run.profile.smoke.requests, run.profile.smoke.batch_requests
+        size = min(32, len(texts))  # texts per batched request: fewer only on a tiny test split
         with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port, entity=run.tagging) as url:
             if run.tagging:
-                result = smoke_test_entities(url, str(run.chosen), texts, requests=n, batch_requests=batches)
+                result = smoke_test_entities(url, str(run.chosen), texts, requests=n, batch_requests=batches,
+                                             batch_size=size)
             else:
-                result = smoke_test(url, texts, labels, requests=n, batch_requests=batches)
+                result = smoke_test(url, texts, labels, requests=n, batch_requests=batches, batch_size=size)
         # The same texts through the same model in this process, right after: what serving adds.
-        result.update(raw_baseline(str(run.chosen), texts, requests=n, batch_requests=batches))
+        result.update(raw_baseline(str(run.chosen), texts, requests=n, batch_requests=batches, batch_size=size))
         write_json(smoke_path, result)
 
     run_or_skip(run.state, 4, "smoke", "deploy the Serve graph and send real requests", fingerprint, smoke_path,
