@@ -475,3 +475,12 @@ def test_the_search_compresses_a_fine_tuned_tagger_on_entity_f1(ray_session, fin
     assert "val entity F1" in report and "validation entity F1 within" in report and "distil 1L" in report
     chosen = load_inference_model(out / "chosen")
     assert chosen.kind == "tagging" and chosen.labels == json.loads((tagged_data / "labels.json").read_text())
+
+
+def test_a_taggers_first_distillations_keep_the_whole_vocabulary():
+    classifier = default_points(SearchSpace(), depth=6)
+    tagger = default_points(SearchSpace(), depth=6, tagger=True)
+    assert [p["distill_layers"] for p in tagger] == [p["distill_layers"] for p in classifier] == [0, 0, 3, 2]
+    assert [p["trim_vocab"] for p in classifier] == [False, False, True, True]
+    assert [p["trim_vocab"] for p in tagger] == [False, False, False, False]
+    assert [p["trim_vocab"] for p in default_points(SearchSpace(trim_vocab=[True]), 6, tagger=True)] == [True] * 4
