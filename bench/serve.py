@@ -221,6 +221,8 @@ def main() -> None:
     p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each load point")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--plain-server", choices=["sync", "async", "microbatch"], help=argparse.SUPPRESS)
+    p.add_argument("--serve-only", action="store_true", help="measure the Serve graph alone (trying a setting; "
+                   "the ratios need the full run)")
     args = p.parse_args()
     if args.plain_server:
         return plain_server_main(args.model, args.port, args.threads, args.plain_server)
@@ -239,7 +241,7 @@ def main() -> None:
     raw = raw_forward(model_dir, args.threads, texts, seconds=args.duration_s)
     print(f"    batch-1 p50 {raw['batch1_p50_ms']:.2f} ms; batch-32 {raw['batch32_texts_per_s']:.1f} texts/s")
     plain = {}
-    for mode in ("sync", "async", "microbatch"):
+    for mode in () if args.serve_only else ("sync", "async", "microbatch"):
         print(f"  plain uvicorn ({mode} route)", flush=True)
         plain[f"plain {mode}"] = run_plain(model_dir, args.threads, mode, args.port + 1, texts, args.duration_s,
                                            args.warmup_s)
@@ -256,6 +258,8 @@ def main() -> None:
     print(f"{'raw forward':<14} {'32':>9} {'-':>4} {'':>8} {raw['batch32_texts_per_s']:>8.1f} "
           f"(batch-1 latency {raw['batch1_p50_ms']:.2f} ms)")
 
+    if args.serve_only:
+        return
     plain_single = max(row(plain[f"plain {m}"], 1, 32)["req_per_s"] for m in ("sync", "async"))
     micro_single = row(plain["plain microbatch"], 1, 32)["req_per_s"]
     goals = {}

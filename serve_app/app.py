@@ -189,7 +189,9 @@ class ModelServer(BatchedModel):
         from jobs.inference import softmax
 
         labels = self.labels
-        probs = softmax(self.model.logits(texts, batch_size=len(texts)))  # (B, labels)
+        # Texts of similar token length share a forward: a padded batch of mixed lengths costs about as much
+        # as its single forwards on this CPU, so padding would eat what batching saves.
+        probs = softmax(self.model.logits(texts, batch_size=len(texts), by_length=True))  # (B, labels)
         idx = np.argsort(-probs, axis=1)[:, :self.max_top_k]  # (B, k)
         return [list(zip(labels[row].tolist(), probs[i, row].astype(float).tolist())) for i, row in enumerate(idx)]
 
