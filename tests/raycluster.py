@@ -26,10 +26,19 @@ from serve_app.run import SERVE_ENV
 BIN = Path(sys.executable).parent  # ray, serve and the jobs' `python` come from this venv
 
 
+_GIVEN: set[int] = set()  # ports handed out in this process: one cluster asks for several before it binds any
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never one this process was given before (the kernel may offer a
+    just-released port again: a head's dashboard and its agent once got the same one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def slimray(*args, env=None, cwd=None, timeout=120) -> subprocess.CompletedProcess:

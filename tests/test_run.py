@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from jobs.config import ConfigError
+from raycluster import free_port  # tests/raycluster.py
 from slimray.report import SUMMARY_COLUMNS
 from slimray.run import RunState, load_profile, run_or_skip, stage_configs
 
@@ -66,12 +66,6 @@ def test_a_stage_runs_once_per_inputs_and_resumes_after_an_interruption(tmp_path
     run_or_skip(RunState(tmp_path), 1, "prepare", "t", "fp-3", marker, work)  # same inputs: resumes
     assert calls[-2:] == [False, True]
     assert RunState(tmp_path).stages["prepare"]["status"] == "done"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_summary(stdout: str) -> dict[str, list[str]]:
