@@ -488,6 +488,9 @@ def test_every_ray_pod_mounts_the_shared_volume_and_reads_the_settings(rendered,
     settings = one(objects, "ConfigMap", "slimray-settings")["data"]
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
+    from serve_app.run import SERVE_ENV
+
+    assert {k: settings.get(k) for k in SERVE_ENV} == SERVE_ENV  # what the embedded cluster starts with
     resolved = get_settings()  # every SLIMRAY_ key is a real setting with a valid value
     assert resolved.ray_address == "auto" and resolved.storage_root == f"{MOUNT}/runs"
     assert str(resolved.data_root) == f"{MOUNT}/data" and str(resolved.torch_extensions_dir).startswith(MOUNT)
