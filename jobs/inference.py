@@ -71,21 +71,12 @@ class InferenceModel:
     def tag(self, sentences: Sequence[Sequence[str]], batch_size: int = 64) -> list[np.ndarray]:
         """Per sentence (a list of words), the (words, tags) logits at each word's first piece; a sentence
         longer than ``max_length`` is tagged window by window (``jobs.tagging.word_windows``)."""
-        from jobs.tagging import encode_windows, word_logits, word_windows
+        from jobs.tagging import tag_sentences
 
         if self.kind != "tagging":
             raise InputError(f"{self.path} labels whole texts (logits); it is not an entity tagger")
-        windows = word_windows(self.tokenizer, sentences, self.max_length)
-        width = max((len(w.ids) for w in windows), default=1)
-        rows = []
-        for i in range(0, len(windows), batch_size):
-            batch = encode_windows(windows[i:i + batch_size], self.tokenizer.pad_token_id)
-            if "token_type_ids" in self.tokenizer.model_input_names:  # an exported graph may take them
-                batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-            out = self.forward(batch)
-            rows += [np.pad(x, ((0, width - x.shape[0]), (0, 0))) for x in out]
-        stacked = np.stack(rows) if rows else np.zeros((0, width, len(self.labels)), np.float32)
-        return word_logits(windows, stacked, [len(s) for s in sentences])
+        return tag_sentences(self.forward, self.tokenizer, sentences, self.max_length, len(self.labels),
+                             batch_size)
 
     def entities(self, texts: Sequence[str], batch_size: int = 64) -> list[list[dict[str, Any]]]:
         """Per raw text, its entities ``{"start", "end", "type", "text", "score"}`` with character offsets: the
@@ -102,7 +93,8 @@ class InferenceModel:
         return out
 
 
-def _torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+def torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """``forward`` of a PyTorch model: numpy inputs in, fp32 numpy logits out, without autograd."""
     import torch
 
     def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -136,7 +128,7 @@ def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = Tru
 
 
 def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
-    return load_tokenizer(path), _torch_forward(build_torch_model(path, info))
+    return load_tokenizer(path), torch_forward(build_torch_model(path, info))
 
 
 def quantize_dynamic_int8(model: Any) -> Any:
@@ -157,7 +149,7 @@ def load_torch_int8(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
     weights = path / info.get("weights", "model_int8.pt")
     model = quantize_dynamic_int8(build_torch_model(path, info, load_weights=False))
     model.load_state_dict(torch.load(weights, weights_only=True))
-    return load_tokenizer(path), _torch_forward(model.eval())
+    return load_tokenizer(path), torch_forward(model.eval())
 
 
 def load_onnx(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:

@@ -352,6 +352,25 @@ def encode_windows(windows: Sequence[Window], pad_id: int, tags: Sequence[Sequen
     return batch
 
 
+def tag_sentences(forward: Any, tokenizer: Any, sentences: Sequence[Sequence[str]], max_length: int, tags: int,
+                  batch_size: int = 64) -> list[Any]:
+    """Per sentence (a list of words), the (words, ``tags``) logits at each word's first piece: the sentences
+    cut into windows (``word_windows``), ``forward(numpy batch) -> (windows, pieces, tags)`` run on batches of
+    ``batch_size`` windows, and the windows put back together (``word_logits``)."""
+    import numpy as np
+
+    windows = word_windows(tokenizer, sentences, max_length)
+    width = max((len(w.ids) for w in windows), default=1)
+    rows = []
+    for i in range(0, len(windows), batch_size):
+        batch = encode_windows(windows[i:i + batch_size], tokenizer.pad_token_id)
+        if "token_type_ids" in tokenizer.model_input_names:  # an exported graph may take them
+            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+        rows += [np.pad(x, ((0, width - x.shape[0]), (0, 0))) for x in forward(batch)]
+    stacked = np.stack(rows) if rows else np.zeros((0, width, tags), np.float32)
+    return word_logits(windows, stacked, [len(s) for s in sentences])
+
+
 def word_logits(windows: Sequence[Window], logits: Any, lengths: Sequence[int]) -> list[Any]:
     """Per sentence, the (words, tags) logits at each word's first piece, put back together from the windows;
     ``logits`` is (windows, pieces, tags) and ``lengths`` the words of each sentence."""

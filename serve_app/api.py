@@ -265,7 +265,8 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
                 for top in result.top])
 
         @api.post("/v1/assist", response_model=AssistResponse, responses=errors,
-                  dependencies=[Depends(authorized)], summary="Answer a customer message: intent, reply, and whether a human takes over")
+                  dependencies=[Depends(authorized)],
+                  summary="Answer a customer message: intent, reply, and whether a human takes over")
         async def assist(body: AssistRequest, response: Response) -> AssistResponse:
             if entities:  # both models at once: the message waits for the slower of the two, not their sum
                 result, found = await asyncio.gather(backend.classify([body.message]),

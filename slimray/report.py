@@ -96,7 +96,7 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]]) -> Path:
     write_figures(out / "figures", art)
     configs = write_configs(out / "configs", art)
     tagging = art.metric == "entity_f1"
-    lines = [*title_section(art, stages), *(tagged_data_section if tagging else data_section)(art.data),
+    lines = [*title_section(art, stages), *data_section(art.data),
              *finetune_section(art), *compression_section(art),
              *(entities_smoke_section if tagging else smoke_section)(art.smoke),
              *goals_section(art.chosen, art.alternative, art.smoke), *reproduce_section(out, art, configs)]
@@ -160,46 +160,27 @@ def dropped_line(dm: dict[str, Any]) -> str:
 
 
 def data_section(dm: dict[str, Any]) -> list[str]:
-    """Split sizes, sequence length, what prepare dropped and the label counts per split."""
+    """Split sizes, sequence length, what prepare dropped, and the label counts per split (an entity tagger's:
+    entities per type)."""
     splits = dm["splits"]
-    lines = [
-        "",
-        "## Data",
-        "",
-        f"{len(dm['labels'])} labels; " + ", ".join(f"{s} {i['rows']:,} rows" for s, i in splits.items())
-        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; p50 "
-        f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} train rows "
-        "truncated).",
-        "",
-        dropped_line(dm),
-        "",
-        "| label | " + " | ".join(splits) + " |",
-        "|---" * (len(splits) + 1) + "|",
-    ]
-    return lines + [f"| {label} | " + " | ".join(str(i["label_counts"].get(label, 0)) for i in splits.values()) + " |"
-                    for label in dm["labels"]]
-
-
-def tagged_data_section(dm: dict[str, Any]) -> list[str]:
-    """An entity tagger's data: sentences and words per split, what prepare dropped, entities per type."""
-    splits = dm["splits"]
-    kinds = sorted({k for i in splits.values() for k in i["entity_counts"]})
-    lines = [
-        "",
-        "## Data",
-        "",
-        f"{len(kinds)} entity types ({len(dm['labels'])} IOB2 tags); "
-        + ", ".join(f"{s} {i['rows']:,} sentences" for s, i in splits.items())
-        + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; "
-        f"{dm.get('train_sentences_over_max_length', 0)} train sentences longer, tagged in windows of whole words).",
-        "",
-        dropped_line(dm),
-        "",
-        "| entity type | " + " | ".join(splits) + " |",
-        "|---" * (len(splits) + 1) + "|",
-    ]
-    return lines + [f"| {kind} | " + " | ".join(str(i["entity_counts"].get(kind, 0)) for i in splits.values()) + " |"
-                    for kind in kinds]
+    if all("entity_counts" in i for i in splits.values()):  # tagging data
+        names = sorted({k for i in splits.values() for k in i["entity_counts"]})
+        key, title = "entity_counts", "entity type"
+        summary = (f"{len(names)} entity types ({len(dm['labels'])} IOB2 tags); "
+                   + ", ".join(f"{s} {i['rows']:,} sentences" for s, i in splits.items())
+                   + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; "
+                   f"{dm.get('train_sentences_over_max_length', 0)} train sentences longer, tagged in windows of "
+                   "whole words).")
+    else:
+        names, key, title = dm["labels"], "label_counts", "label"
+        summary = (f"{len(dm['labels'])} labels; " + ", ".join(f"{s} {i['rows']:,} rows" for s, i in splits.items())
+                   + f". Max sequence length {dm['max_length']} tokens (p{dm['percentile']:g} of train lengths; p50 "
+                   f"{dm['token_lengths']['p50']:g}, max {dm['token_lengths']['max']}; {dm['truncated_train_rows']} "
+                   "train rows truncated).")
+    lines = ["", "## Data", "", summary, "", dropped_line(dm), "",
+             f"| {title} | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    return lines + [f"| {name} | " + " | ".join(str(i[key].get(name, 0)) for i in splits.values()) + " |"
+                    for name in names]
 
 
 def per_type_table(fm: dict[str, Any]) -> list[str]:

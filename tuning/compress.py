@@ -205,15 +205,14 @@ def _method_context(shared: dict[str, Any], data_dir: Path, inputs: Path, val: t
     ids = {name: i for i, name in enumerate(shared["labels"])}
     val_labels: Any = ([[ids[t] for t in tags] for tags in val[1]] if kind == "tagging"
                        else np.array([ids[name] for name in val[1]]))
-    logits = np.load(inputs / shared["teacher_logits"])
-    if kind == "tagging":  # one row per word, sentence after sentence
-        logits = logits[: sum(len(t) for t in texts)]
+    # The teacher's rows for these train rows: one per text, or a tagger's one per word, sentence after sentence.
+    logits = np.load(inputs / shared["teacher_logits"])[: sum(map(len, texts)) if kind == "tagging" else len(texts)]
     extra: dict[str, Any] = {}
     if augment and shared["transfer_logits"]:
         extra = {"extra_texts": read_json(inputs / "transfer_texts.json"),
                  "extra_logits": np.load(inputs / shared["transfer_logits"])}
     return Context(
-        train_texts=texts, train_labels=labels, teacher_logits=logits[: len(texts)] if kind != "tagging" else logits,
+        train_texts=texts, train_labels=labels, teacher_logits=logits,
         val_texts=val[0], val_labels=val_labels, max_length=shared["max_length"], threads=threads,
         seed=shared["seed"], on_epoch=on_epoch, kind=kind, **extra)
 
@@ -697,7 +696,8 @@ def main(cfg: CompressConfig) -> Path | str:
     write_reports(output, trials, base, chosen, metrics, cfg)
     metric = metrics["metric"]
     log.info("chosen %s: test %s %.4f (base %.4f), %.2f ms at batch 1 (%.1fx faster), %.1f MB (%.1fx smaller)",
-             chosen["trial_id"], METRIC_WORDS[metric][0], metrics[metric], metrics["base"][metric], metrics["latency_ms_b1"],
+             chosen["trial_id"], METRIC_WORDS[metric][0], metrics[metric], metrics["base"][metric],
+             metrics["latency_ms_b1"],
              metrics["speedup_b1"], metrics["size_mb"], metrics["size_reduction"])
     return output.chosen if output.remote else output.work / "chosen"
 

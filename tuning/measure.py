@@ -4,8 +4,8 @@ Quality: the task's score under the keys ``<set>_accuracy`` and ``<set>_macro_f1
 constrains these): accuracy and macro-F1 of a classifier; entity F1 and macro entity F1 (seqeval's default
 mode) of a tagger, whose eval sets are sentences (word lists) with their tags. ``metric`` names which.
 
-Latency: real texts from the test split (a tagger's sentences joined by spaces: the same pieces), tokenization excluded (inputs are tokenized up front), padding to
-the longest text in each batch, ``threads`` intra-op threads (1 by default), a warm-up, then the median of
+Latency: real texts from the test split (a tagger's sentences joined by spaces: the same pieces),
+tokenization excluded (inputs are tokenized up front), padding to the longest text in each batch, ``threads`` intra-op threads (1 by default), a warm-up, then the median of
 repeated timed passes, at batch 1 and batch 32. Size: bytes of the weight files (MB = 10^6 bytes).
 """
 

@@ -24,9 +24,9 @@ import numpy as np
 
 from jobs.artifacts import write_json
 from jobs.batching import length_grouped_batches, token_lengths
-from jobs.inference import MODEL_INFO, quantize_dynamic_int8
+from jobs.inference import MODEL_INFO, quantize_dynamic_int8, torch_forward
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
-from jobs.tagging import encode_windows, word_logits, word_windows
+from jobs.tagging import encode_windows, tag_sentences, word_windows
 from jobs.tasks import accuracy_macro_f1, tagging_metrics
 from tuning.onnx_export import ONNX_BACKENDS, write_onnx
 
@@ -158,18 +158,8 @@ def training_rows(tokenizer: Any, ctx: Context, extra: bool = True) -> TextRows 
 
 def predict_words(model: Any, tokenizer: Any, sentences: list[list[str]], max_length: int) -> list[np.ndarray]:
     """A PyTorch tagger's (words, tags) logits per sentence, window by window (as ``InferenceModel.tag``)."""
-    import torch
-
-    windows = word_windows(tokenizer, sentences, max_length)
-    width = max((len(w.ids) for w in windows), default=1)
-    classes = model.config.num_labels
-    out = np.zeros((len(windows), width, classes), np.float32)
-    with torch.inference_mode():
-        for i in range(0, len(windows), 128):
-            batch = encode_windows(windows[i:i + 128], tokenizer.pad_token_id)
-            logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
-            out[i:i + len(logits), :logits.shape[1]] = logits
-    return word_logits(windows, out, [len(s) for s in sentences])
+    return tag_sentences(torch_forward(model), tokenizer, sentences, max_length, model.config.num_labels,
+                         batch_size=128)
 
 
 def score(model: Any, tokenizer: Any, texts: list[Any], labels: Any, max_length: int, kind: str = "sequence") -> float:
@@ -253,7 +243,8 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
              alpha: float, max_steps: int | None = None, freeze_embeddings: bool = True, teacher: Any = None,
              layer_map: list[int] | None = None, hidden_weight: float = 0.0,
              attention_weight: float = 0.0) -> list[dict[str, float]]:
-    """Trains on the train + extra rows (a tagger's: each word's first piece) with alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE, the CE
+    """Trains on the train + extra rows (a tagger's rows: each word's first piece) with
+    alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE, the CE
     on train rows only (extra rows have no gold label), plus intermediate-layer terms when their weights are > 0:
     ``hidden_weight`` * hidden-state MSE and ``attention_weight`` * attention-relation KL, student layer i against
     layer ``layer_map[i]`` of ``teacher`` (a model with the same hidden size, run on every batch without grad).
