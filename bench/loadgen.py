@@ -49,8 +49,7 @@ class LoadResult:
         return {"requests": len(self.samples), "failed": self.failed(),
                 "req_per_s": n / self.wall_s if self.wall_s else 0.0,
                 "texts_per_s": n * texts_per_request / self.wall_s if self.wall_s else 0.0,
-                "p50_ms": float(np.percentile(lat, 50)) if n else float("nan"),
-                "p99_ms": float(np.percentile(lat, 99)) if n else float("nan")}
+                **{f"p{q}_ms": float(np.percentile(lat, q)) if n else float("nan") for q in (50, 95, 99)}}
 
 
 def open_loop_summary(result: LoadResult, texts_per_request: int, rate: float) -> dict[str, float]:
