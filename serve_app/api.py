@@ -19,14 +19,16 @@ details never echo the request's text. Request texts are never logged.
 # locally, not their names.
 import asyncio
 import hmac
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any, Callable, Literal, Protocol
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException
 
 from serve_app.assistant import Decision, Playbook, decide
@@ -50,6 +52,7 @@ class Classification:
     threshold: float  # the hand-off threshold in force for this version
     top: list[list[tuple[str, float]]]
     replica: str = ""
+    timing: dict[str, float] = field(default_factory=dict)  # SERVER_TIMING keys, where the time went
 
 
 @dataclass
@@ -59,6 +62,64 @@ class Tagging:
     version: str
     entities: list[list[dict[str, Any]]]
     replica: str = ""
+    timing: dict[str, float] = field(default_factory=dict)  # SERVER_TIMING keys, where the time went
+
+
+# Where a request's time went, answered in a ``Server-Timing`` header (W3C): ``ingress`` is the ingress app from
+# request to response head; ``hop`` the handle call to the model replica beyond the replica's own time;
+# ``queue`` waiting there for a batch; ``forward`` that batch's forward pass, of ``batch`` texts (its desc).
+SERVER_TIMING = {"hop_ms": "hop", "queue_ms": "queue", "forward_ms": "forward"}
+
+
+def server_timing(timing: dict[str, float]) -> str:
+    """The ``Server-Timing`` value of a model answer's timing (``SERVER_TIMING``)."""
+    parts = [f"{name};dur={timing[key]:.2f}" for key, name in SERVER_TIMING.items() if key in timing]
+    if "batch" in timing:
+        parts.append(f'batch;desc="{int(timing["batch"])}"')
+    return ", ".join(parts)
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """``{name: dur}`` (``batch``: its desc) of a ``Server-Timing`` value; the benchmarks read it."""
+    out = {}
+    for part in value.split(","):
+        name, *params = [p.strip() for p in part.split(";")]
+        for param in params:
+            key, _, val = param.partition("=")
+            if key in ("dur", "desc") and name:
+                try:
+                    out[name] = float(val.strip('"'))
+                except ValueError:  # a desc that is not a number (another server's metric)
+                    pass
+    return out
+
+
+class IngressTiming:
+    """ASGI middleware: adds ``ingress;dur=`` (request in to response head out, body parsing, validation,
+    the model call and the assistant included) to the ``Server-Timing`` header of every HTTP answer."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+
+        async def timed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                own = f"ingress;dur={(time.perf_counter() - t0) * 1000:.2f}".encode()
+                for i, (key, value) in enumerate(headers):
+                    if key.lower() == b"server-timing":
+                        headers[i] = (key, value + b", " + own)
+                        break
+                else:
+                    headers.append((b"server-timing", own))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 class ModelUnavailable(RuntimeError):
@@ -73,6 +134,12 @@ class Backend(Protocol):
     async def entities(self, texts: list[str]) -> Tagging: ...
 
     async def describe(self) -> dict[str, Any]: ...
+
+    async def observe(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    async def alerts(self, topic: str | None, since: datetime | None) -> list[dict[str, Any]]: ...
+
+    async def trend(self, topic: str, bucket: str) -> list[dict[str, Any]]: ...
 
 
 def _valid_unicode(text: str) -> str:
@@ -137,6 +204,46 @@ class AssistResponse(BaseModel):
     entity_model_version: str | None = Field(default=None, description="Entity model version that answered")
 
 
+class ObservationResult(BaseModel):
+    id: str = Field(description="The item's id")
+    status: Literal["stored", "duplicate", "conflict"] = Field(
+        description="stored; duplicate: this id was stored before with the same content (stored once); conflict: "
+                    "this id was stored before with other content (nothing changed)")
+    label: str = Field(description="Sentiment label of this text")
+    score: float = Field(description="Its probability, 0-1")
+
+
+class ObservationsResponse(BaseModel):
+    results: list[ObservationResult] = Field(description="One result per item, in order")
+
+
+class Alert(BaseModel):
+    topic: str
+    window_start: datetime = Field(description="Start of the window that surged (event time, UTC)")
+    window_end: datetime
+    n: int = Field(description="Texts in the window")
+    negative: int = Field(description="Negative texts in the window")
+    baseline: float = Field(description="The topic's negative share in the windows before it")
+    score: float = Field(description="z-score (or ratio) of the window's negative share against the baseline")
+    example_ids: list[str] = Field(description="Ids of the window's most confidently negative texts")
+
+
+class AlertsResponse(BaseModel):
+    alerts: list[Alert]
+
+
+class TrendPoint(BaseModel):
+    start: datetime = Field(description="Start of the bucket (UTC)")
+    n: int
+    negative: int
+    neutral: int
+    positive: int
+
+
+class TrendResponse(BaseModel):
+    points: list[TrendPoint] = Field(description="Buckets with texts, oldest first")
+
+
 class ErrorDetail(BaseModel):
     field: str = Field(description="Where the problem is, e.g. texts[2]")
     message: str = Field(description="What is wrong")
@@ -181,6 +288,32 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], ty
     return ClassifyRequest, AssistRequest, EntitiesRequest
 
 
+MAX_OBSERVATIONS, MAX_OBSERVATION_CHARS = 1000, 5000
+
+
+def observations_request() -> type[BaseModel]:
+    Name = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200), AfterValidator(_well_formed)]
+    Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_OBSERVATION_CHARS),
+                     AfterValidator(_well_formed)]
+
+    class ObservationItem(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        id: Name = Field(description="Your id of the text: the same id twice is stored once")
+        topic: Name = Field(description="What the text is about (a company, a product, a market)")
+        text: Text = Field(description=f"The text, up to {MAX_OBSERVATION_CHARS} characters")
+        time: AwareDatetime | None = Field(default=None, description="Event time, RFC 3339 (default: arrival)")
+
+    class ObservationsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [
+            {"id": "n-1", "topic": "acme", "text": "Acme shares slump after the recall", "time": "2026-12-06T09:00:00Z"}]}]})
+
+        items: list[ObservationItem] = Field(min_length=1, max_length=MAX_OBSERVATIONS,
+                                             description=f"1-{MAX_OBSERVATIONS} texts to score and keep")
+
+    return ObservationsRequest
+
+
 def _field(loc: tuple) -> str:
     parts = [p for p in loc if p != "body"]
     out = ""
@@ -208,7 +341,7 @@ def _error(status: int, error: str, details: list[dict[str, str]] | None = None,
 
 def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), api_token: str | None = None,
              on_decision: Callable[[Decision, str], None] | None = None, intents: bool = True,
-             entities: bool = False) -> FastAPI:
+             entities: bool = False, monitor: bool = False) -> FastAPI:
     """The FastAPI app of the assistant.
 
     Args:
@@ -219,6 +352,7 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
         on_decision: called with each assist decision and the answering version (metrics counters).
         intents: an intent model is served (/v1/classify, /v1/assist).
         entities: an entity model is served (/v1/entities; entities and slots in /v1/assist).
+        monitor: a sentiment model and the monitor are served (/v1/observations, /v1/alerts, trends).
     """
     ClassifyRequest, AssistRequest, EntitiesRequest = request_models(limits)
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in [
@@ -226,6 +360,7 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
         (422, "Invalid request: the details name each bad field"), (503, "No model replica could answer")]}
     api = FastAPI(title="slimray assistant", version="1",
                   description="Intent classification, entity tagging and assistant replies, served by Ray Serve.")
+    api.add_middleware(IngressTiming)
     bearer = HTTPBearer(auto_error=False, description="Needed when the server has an API token")
 
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -252,6 +387,8 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
         response.headers["x-model-version"] = result.version
         if result.replica:
             response.headers["x-model-replica"] = result.replica
+        if result.timing:
+            response.headers["server-timing"] = server_timing(result.timing)
 
     if intents:
         @api.post("/v1/classify", response_model=ClassifyResponse, responses=errors,
@@ -295,6 +432,29 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
             tag(response, result)
             return EntitiesResponse(model_version=result.version, results=[
                 EntitiesResult(entities=[Entity(**e) for e in row]) for row in result.entities])
+
+    if monitor:
+        ObservationsRequest = observations_request()
+
+        @api.post("/v1/observations", response_model=ObservationsResponse, responses=errors,
+                  dependencies=[Depends(authorized)],
+                  summary="Score texts about topics and keep them (idempotent per id); alerts follow from them")
+        async def observations(body: ObservationsRequest) -> ObservationsResponse:
+            items = [item.model_dump() for item in body.items]
+            return ObservationsResponse(results=[ObservationResult(**r) for r in await backend.observe(items)])
+
+        @api.get("/v1/alerts", response_model=AlertsResponse, responses={401: errors[401], 422: errors[422]},
+                 dependencies=[Depends(authorized)], summary="Surges of negative sentiment, per topic and window")
+        async def alerts(topic: Annotated[str | None, Query(max_length=200)] = None,
+                         since: AwareDatetime | None = None) -> AlertsResponse:
+            return AlertsResponse(alerts=[Alert(**a) for a in await backend.alerts(topic, since)])
+
+        @api.get("/v1/topics/{topic}/trend", response_model=TrendResponse,
+                 responses={401: errors[401], 422: errors[422]}, dependencies=[Depends(authorized)],
+                 summary="A topic's texts per sentiment label and time bucket")
+        async def trend(topic: Annotated[str, Path(max_length=200)],
+                        bucket: Literal["5m", "1h", "1d"] = "1h") -> TrendResponse:
+            return TrendResponse(points=[TrendPoint(**p) for p in await backend.trend(topic, bucket)])
 
     @api.get("/v1/models", responses={401: errors[401]}, dependencies=[Depends(authorized)],
              summary="Model versions, traffic fractions, hand-off calibration, batching and playbook")

@@ -2,16 +2,21 @@
 
     HTTP -> Ingress (validation, auth, canary split, playbook, hand-off) -> Model / CanaryModel (batched)
                                                                           -> EntityModel (batched)
+                                                                          -> Monitor -> SentimentModel (batched)
+                                                                                     -> the monitor's store
 
-The intent model (``Model``, with an optional ``CanaryModel``) and the entity tagger (``EntityModel``) are
-separate deployments, each batched and autoscaled on its own; either may be served alone, and with both an
-assist message goes to the two in parallel.
+The intent model (``Model``, with an optional ``CanaryModel``), the entity tagger (``EntityModel``) and the
+news-sentiment monitor (``Monitor``, scoring with ``SentimentModel`` and keeping its state in a database,
+``jobs.monitor``) are separate deployments, each scaled on its own; any of them may be served alone, and
+with both intent and entity models an assist message goes to the two in parallel. Model replicas batch
+with ``serve_app.batcher.Batcher``; every answer says where its time went (``Server-Timing``).
 
 ``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``): Serve
 calls it with the YAML's ``args`` (``serve deploy``), or with the args ``serve_app.run.deploy`` puts there.
 Live knobs come through ``user_config``: ``RoutingKnobs`` for the ingress (canary fraction, hand-off
-threshold override), ``BatchKnobs`` for each model deployment (batch size, batch wait). Replica counts,
-autoscaling, requests in flight and resources live in ``serve_config.yaml`` only: the decorators set none.
+threshold override), ``BatchKnobs`` for each model deployment (batch size, batch wait), ``AlertRule`` for the
+monitor. Replica counts, autoscaling, requests in flight and resources live in ``serve_config.yaml`` only:
+the decorators set none.
 """
 
 import asyncio
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,12 +39,15 @@ from cluster.settings import get_settings
 from jobs.config import StrictModel
 from jobs.errors import InputError
 from jobs.modeling import is_tagger
+from jobs.monitor import AlertRule
 from serve_app.api import Classification, Limits, ModelUnavailable, Tagging, make_api
 from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook, slot_types
+from serve_app.batcher import Batcher
 
 log = logging.getLogger("slimray.serve")
 
 INGRESS, MODEL, CANARY, ENTITY = "Ingress", "Model", "CanaryModel", "EntityModel"
+SENTIMENT, MONITOR = "SentimentModel", "Monitor"
 
 
 class BatchKnobs(StrictModel):
@@ -46,8 +55,9 @@ class BatchKnobs(StrictModel):
 
     max_batch_size: int = Field(default=64, ge=1, le=512, description="Most texts in one forward pass "
                                 "(requests with more texts are split); keep <= max_ongoing_requests")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="Seconds a batch waits to fill "
-                                        "after its first text; at low load every request pays it")
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1, description="Seconds a batch smaller than "
+                                        "max_batch_size waits for more texts before its forward; 0: none (under "
+                                        "load a batch takes what queued during the previous forward anyway)")
 
 
 class RoutingKnobs(StrictModel):
@@ -72,6 +82,15 @@ class AppArgs(StrictModel):
                                      "fine-tune or compression): adds /v1/entities and fills playbook slots")
     entity_version: str | None = Field(default=None, description="Name of the entity model's version "
                                        "(default: folder name)")
+    sentiment_model: str | None = Field(default=None, description="Sentiment classifier's artifact folder: adds "
+                                        "the monitor (/v1/observations, /v1/alerts, /v1/topics/{topic}/trend)")
+    sentiment_version: str | None = Field(default=None, description="Name of the sentiment model's version "
+                                          "(default: folder name)")
+    monitor_store: str | None = Field(default=None, description="The monitor's database URL: sqlite:///FILE or "
+                                      "postgresql+psycopg://... (default: sqlite:///<storage_root>/monitor/"
+                                      "monitor.db)")
+    alerting: AlertRule = Field(default_factory=AlertRule, description="Initial alert rule of the monitor "
+                                "(a user_config in the Serve YAML replaces it)")
     data: str | None = Field(default=None, description="Prepared data folder: calibrates, on its validation split, "
                              "a version that has no calibration.json")
     target_precision: float = Field(default=0.9, gt=0, le=1, description="Precision the automatic answers must "
@@ -95,8 +114,9 @@ class AppArgs(StrictModel):
 
     @model_validator(mode="after")
     def _some_model(self) -> "AppArgs":
-        if self.model is None and self.entity_model is None:
-            raise ValueError("give model (an intent classifier), entity_model (an entity tagger) or both")
+        if self.model is None and self.entity_model is None and self.sentiment_model is None:
+            raise ValueError("give model (an intent classifier), entity_model (an entity tagger), sentiment_model "
+                             "(a sentiment classifier for the monitor), or several")
         if self.canary_model is not None and self.model is None:
             raise ValueError("canary_model is a second version of the intent model: give model too")
         return self
@@ -107,7 +127,7 @@ class Version:
     """One served model version: what the ingress routes to and ``/v1/models`` describes."""
 
     version: str  # its name in answers (model_version, x-model-version)
-    role: Literal["primary", "canary", "entity"]
+    role: Literal["primary", "canary", "entity", "sentiment"]
     model_dir: str  # absolute path of the model artifact
     calibration: dict[str, Any]  # "threshold" and "source"; precision, coverage, n... when calibrated; {} for
     # the entity model (it hands nothing off)
@@ -118,20 +138,15 @@ class Version:
         return self.calibration["threshold"]
 
 
-_BATCH_DEFAULTS = BatchKnobs()  # until reconfigure() applies the deployment's user_config
-
-
-def _texts_in(chunks: list[list[str]]) -> int:
-    return sum(len(c) for c in chunks)
-
-
 class BatchedModel:
-    """What both model deployments share: the artifact loaded once per replica, live batch knobs, and requests
-    cut into chunks of at most ``max_batch_size`` texts that ``@serve.batch`` merges across requests into one
-    forward pass (``_run``, on a worker thread)."""
+    """What the model deployments share: the artifact loaded once per replica, live batch knobs, and requests
+    cut into chunks of at most ``max_batch_size`` texts that a ``Batcher`` merges across requests into one
+    forward pass (``_run``, on a worker thread) with whatever queued during the previous one."""
 
     def __init__(self, version: Version, threads: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool fights torch's
+        from ray.serve.metrics import Histogram
+
         from jobs.inference import load_inference_model
 
         self.model = load_inference_model(version.model_dir, threads=threads)
@@ -139,30 +154,28 @@ class BatchedModel:
         self.labels = np.array(self.model.labels, dtype=object)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.knobs = BatchKnobs()
+        sizes = Histogram("slimray_batch_texts", description="Texts per forward pass of a model replica",
+                          boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.batcher = Batcher(self._run, self.knobs.max_batch_size, self.knobs.batch_wait_timeout_s,
+                               on_batch=sizes.observe)
         self._run(["warm-up"])  # first forward allocates; keep it off the first request
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.knobs = BatchKnobs.model_validate(user_config or {})
-        self._batched.set_max_batch_size(self.knobs.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.knobs.batch_wait_timeout_s)
+        self.batcher.configure(self.knobs.max_batch_size, self.knobs.batch_wait_timeout_s)
 
-    async def _answer(self, texts: list[str]) -> tuple[list[Any], str]:
-        """``_run``'s answer per text, in order, through the batcher; and this replica's id."""
+    async def _answer(self, texts: list[str]) -> tuple[list[Any], str, dict[str, float]]:
+        """``_run``'s answer per text, in order, through the batcher; this replica's id; and where the time
+        went in this replica (``queue_ms`` waiting for a batch, ``forward_ms`` in its forward pass, ``batch``
+        texts in that forward; the slowest chunk's when the request was split; ``model_ms`` in all)."""
+        t_in = time.perf_counter()
         size = self.knobs.max_batch_size
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-        parts = await asyncio.gather(*(self._batched(chunk) for chunk in chunks))
-        return [row for part in parts for row in part], self.replica
-
-    @serve.batch(max_batch_size=_BATCH_DEFAULTS.max_batch_size,
-                 batch_wait_timeout_s=_BATCH_DEFAULTS.batch_wait_timeout_s, batch_size_fn=_texts_in)
-    async def _batched(self, chunks: list[list[str]]) -> list[list[Any]]:
-        flat = [text for chunk in chunks for text in chunk]
-        rows = await asyncio.to_thread(self._run, flat)  # the loop keeps queueing the next batch meanwhile
-        out, start = [], 0
-        for chunk in chunks:
-            out.append(rows[start:start + len(chunk)])
-            start += len(chunk)
-        return out
+        parts = await asyncio.gather(*(self.batcher.submit(chunk) for chunk in chunks))
+        last = max(parts, key=lambda part: part.started + part.forward_s)
+        timing = {"queue_ms": (last.started - t_in) * 1000, "forward_ms": last.forward_s * 1000,
+                  "batch": last.batch, "model_ms": (time.perf_counter() - t_in) * 1000}
+        return [row for part in parts for row in part.rows], self.replica, timing
 
     def _run(self, texts: list[str]) -> list[Any]:
         raise NotImplementedError
@@ -181,8 +194,8 @@ class ModelServer(BatchedModel):
         self.max_top_k = max_top_k
         BatchedModel.__init__(self, version, threads)
 
-    async def classify(self, texts: list[str]) -> tuple[list[list[tuple[str, float]]], str]:
-        """Top labels with probabilities per text, best first; and this replica's id."""
+    async def classify(self, texts: list[str]) -> tuple[list[list[tuple[str, float]]], str, dict[str, float]]:
+        """Top labels with probabilities per text, best first; this replica's id; its timing (``_answer``)."""
         return await self._answer(texts)
 
     def _run(self, texts: list[str]) -> list[list[tuple[str, float]]]:
@@ -200,12 +213,95 @@ class ModelServer(BatchedModel):
 class EntityServer(BatchedModel):
     """The entity tagger: per text, its entities with character offsets (``InferenceModel.entities``)."""
 
-    async def entities(self, texts: list[str]) -> tuple[list[list[dict[str, Any]]], str]:
-        """Entities per text, in order of appearance; and this replica's id."""
+    async def entities(self, texts: list[str]) -> tuple[list[list[dict[str, Any]]], str, dict[str, float]]:
+        """Entities per text, in order of appearance; this replica's id; its timing (``_answer``)."""
         return await self._answer(texts)
 
     def _run(self, texts: list[str]) -> list[list[dict[str, Any]]]:
         return self.model.entities(texts, batch_size=len(texts))
+
+
+@serve.deployment(name=SENTIMENT)
+class SentimentServer(BatchedModel):
+    """The sentiment classifier of the monitor: per text, its most likely label and that label's probability."""
+
+    async def score(self, texts: list[str]) -> tuple[list[tuple[str, float]], str, dict[str, float]]:
+        return await self._answer(texts)
+
+    def _run(self, texts: list[str]) -> list[tuple[str, float]]:
+        from jobs.inference import softmax
+
+        probs = softmax(self.model.logits(texts, batch_size=len(texts), by_length=True))
+        best = probs.argmax(axis=1)
+        return [(str(self.labels[k]), float(probs[i, k])) for i, k in enumerate(best)]
+
+
+@serve.deployment(name=MONITOR)
+class MonitorServer:
+    """The news-sentiment monitor: scores observations with the sentiment model and keeps them, and the alerts
+    they raise, in the store (``jobs.monitor``). Replicas share nothing but the store."""
+
+    def __init__(self, sentiment: DeploymentHandle, version: Version, store_url: str, retries: int):
+        from jobs.monitor import MonitorStore
+
+        self.sentiment, self.version, self.retries = sentiment, version, retries
+        self.store = MonitorStore.open(store_url)
+        self.rule = AlertRule()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        rule = AlertRule.model_validate(user_config or {})
+        if rule != self.rule:
+            self.rule = rule
+            self.store.recompute(rule)  # the stored texts, judged by the new rule
+
+    async def observe(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Scores and stores ``items`` ({id, topic, text, time: datetime | None}) in one transaction; per item
+        its status (stored / duplicate / conflict), label and score."""
+        from datetime import datetime, timezone
+
+        from jobs.monitor import Observation
+
+        scores, _, _ = await _call_with_retries(self.sentiment, "score", self.version.version,
+                                                [it["text"] for it in items], self.retries)
+        arrival = datetime.now(timezone.utc)
+        observations = [Observation(id=it["id"], topic=it["topic"], text=it["text"], time=it["time"] or arrival,
+                                    label=label, score=score, model_version=self.version.version,
+                                    time_given=it["time"] is not None)
+                        for it, (label, score) in zip(items, scores)]
+        statuses = await asyncio.to_thread(self.store.add, observations, self.rule)
+        return [{"id": o.id, "status": status, "label": o.label, "score": o.score}
+                for o, status in zip(observations, statuses)]
+
+    async def alerts(self, topic: str | None, since: Any) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.store.alerts, self.rule, topic, since)
+
+    async def trend(self, topic: str, bucket: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.store.trend, topic, bucket)
+
+    def info(self) -> dict[str, Any]:
+        from jobs.monitor import _safe
+
+        return {"store": _safe(self.store.url), "alerting": self.rule.model_dump()}
+
+
+async def _call_with_retries(handle: DeploymentHandle, method: str, version: str, texts: list[str],
+                             retries: int) -> Any:
+    """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent)."""
+    import ray.exceptions
+
+    error: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            t0 = time.perf_counter()
+            rows, replica, timing = await getattr(handle, method).remote(texts)
+            # what the handle call cost beyond the replica's own time: routing, both ways of gRPC, pickling
+            timing["hop_ms"] = (time.perf_counter() - t0) * 1000 - timing["model_ms"]
+            return rows, replica, timing
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            error = e
+            log.warning("model %s replica failed (attempt %d): %s", version, attempt + 1, type(e).__name__)
+            await asyncio.sleep(0.1 * 2 ** attempt)
+    raise ModelUnavailable(f"{version}: {type(error).__name__}")
 
 
 @serve.deployment(name=INGRESS)
@@ -215,12 +311,14 @@ class Ingress:
 
     def __init__(self, primary: DeploymentHandle | None, canary: DeploymentHandle | None, versions: list[Version],
                  entity: DeploymentHandle | None, entity_version: Version | None, playbook: Playbook,
-                 playbook_source: str, limits: Limits, retries: int, api_token: str | None):
+                 playbook_source: str, limits: Limits, retries: int, api_token: str | None,
+                 monitor: DeploymentHandle | None = None, sentiment_version: Version | None = None):
         from ray.serve.metrics import Counter
 
         self.handles = [h for h in (primary, canary) if h is not None]
         self.versions, self.retries = versions, retries
         self.entity, self.entity_version = entity, entity_version
+        self.monitor, self.sentiment_version = monitor, sentiment_version
         self.playbook, self.playbook_source = playbook, playbook_source
         self.limits = limits
         self.api_token = api_token
@@ -235,7 +333,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return make_api(self, self.playbook, self.limits, self.api_token, self._count, intents=bool(self.handles),
-                        entities=self.entity is not None)
+                        entities=self.entity is not None, monitor=self.monitor is not None)
 
     def _count(self, decision: Decision, version: str) -> None:
         self.intents.inc(tags={"intent": decision.intent, "model_version": version})
@@ -248,31 +346,34 @@ class Ingress:
         return version.threshold if override is None else override
 
     async def _call(self, handle: DeploymentHandle, method: str, version: str, texts: list[str]) -> Any:
-        """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent)."""
-        import ray.exceptions
-
-        error: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                return await getattr(handle, method).remote(texts)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                error = e
-                log.warning("model %s replica failed (attempt %d): %s", version, attempt + 1, type(e).__name__)
-                await asyncio.sleep(0.1 * 2 ** attempt)
-        raise ModelUnavailable(f"{version}: {type(error).__name__}")
+        return await _call_with_retries(handle, method, version, texts, self.retries)
 
     async def classify(self, texts: list[str]) -> Classification:
         """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
         i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
         version = self.versions[i]
-        top, replica = await self._call(self.handles[i], "classify", version.version, texts)
-        return Classification(version=version.version, threshold=self._threshold(version), top=top, replica=replica)
+        top, replica, timing = await self._call(self.handles[i], "classify", version.version, texts)
+        return Classification(version=version.version, threshold=self._threshold(version), top=top, replica=replica,
+                              timing=timing)
 
     async def entities(self, texts: list[str]) -> Tagging:
         """Backend.entities: the entity model's spans per text, retried if its replica died."""
         assert self.entity is not None and self.entity_version is not None  # the route exists only then
-        found, replica = await self._call(self.entity, "entities", self.entity_version.version, texts)
-        return Tagging(version=self.entity_version.version, entities=found, replica=replica)
+        found, replica, timing = await self._call(self.entity, "entities", self.entity_version.version, texts)
+        return Tagging(version=self.entity_version.version, entities=found, replica=replica, timing=timing)
+
+    async def observe(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Backend.observe: the monitor scores and stores the items."""
+        assert self.monitor is not None  # the route exists only then
+        return await self.monitor.observe.remote(items)
+
+    async def alerts(self, topic: str | None, since: Any) -> list[dict[str, Any]]:
+        assert self.monitor is not None
+        return await self.monitor.alerts.remote(topic, since)
+
+    async def trend(self, topic: str, bucket: str) -> list[dict[str, Any]]:
+        assert self.monitor is not None
+        return await self.monitor.trend.remote(topic, bucket)
 
     async def describe(self) -> dict[str, Any]:
         """Backend.describe: every version with its live state, the routing knobs and the playbook."""
@@ -287,6 +388,9 @@ class Ingress:
             "versions": [{**asdict(v), **info, "traffic_fraction": f, "handoff_threshold": self._threshold(v)}
                          for v, info, f in zip(self.versions, infos, fractions)],
             "entity_model": entity,
+            "sentiment_model": (None if self.monitor is None else
+                                {**{k: v for k, v in asdict(self.sentiment_version).items() if k != "calibration"},
+                                 **(await self.monitor.info.remote())}),
             "routing": self.knobs.model_dump(),
             "playbook": {"source": self.playbook_source, "intents": sorted(self.playbook.intents)},
             "limits": vars(self.limits),
@@ -318,12 +422,13 @@ def _local(path: str | None) -> str | None:
     return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _folders(args: AppArgs) -> list[tuple[Literal["primary", "canary", "entity"], str, str]]:
+def _folders(args: AppArgs) -> list[tuple[Literal["primary", "canary", "entity", "sentiment"], str, str]]:
     """(role, model folder, version name) of each version to serve."""
-    out: list[tuple[Literal["primary", "canary", "entity"], str, str]] = []
+    out: list[tuple[Literal["primary", "canary", "entity", "sentiment"], str, str]] = []
     for role, folder, name in (("primary", args.model, args.version),
                                ("canary", args.canary_model, args.canary_version),
-                               ("entity", args.entity_model, args.entity_version)):
+                               ("entity", args.entity_model, args.entity_version),
+                               ("sentiment", args.sentiment_model, args.sentiment_version)):
         if folder:
             out.append((role, folder, name or Path(folder).name))
     return out
@@ -355,12 +460,24 @@ def resolve_paths(args: AppArgs) -> AppArgs:
         if role == "entity" and not tagger:
             raise InputError(f"entity model {folder!r} is not an entity tagger (a --task ner fine-tune or "
                              "compression); serve a classifier as model (--model)")
-    args = args.model_copy(update={key: _local(getattr(args, key))
-                                   for key in ("model", "canary_model", "entity_model", "data", "playbook")})
-    names = [name for role, _, name in _folders(args) if role != "entity"]
+    args = args.model_copy(update={key: _local(getattr(args, key)) for key in
+                                   ("model", "canary_model", "entity_model", "sentiment_model", "data", "playbook")})
+    if args.sentiment_model:
+        args = args.model_copy(update={"monitor_store": monitor_store_url(args.monitor_store)})
+    names = [name for role, _, name in _folders(args) if role in ("primary", "canary")]
     if len(set(names)) < len(names):
         raise InputError(f"primary and canary are both called {names[0]!r}: set version or canary_version")
     return args
+
+
+def monitor_store_url(url: str | None) -> str:
+    """The monitor's store URL: ``url``, with a relative SQLite path made absolute; by default the SQLite file
+    ``<storage_root>/monitor/monitor.db``."""
+    if url is None:
+        return f"sqlite:///{(Path(get_settings().storage_root) / 'monitor' / 'monitor.db').expanduser().resolve()}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{Path(url.removeprefix('sqlite:///')).expanduser().resolve()}"
+    return url
 
 
 def resolve_playbook(args: AppArgs) -> tuple[Playbook, str]:
@@ -391,10 +508,12 @@ def build_app(args: AppArgs) -> Application:
     """
     args = resolve_paths(args)
     playbook, playbook_source = resolve_playbook(args)
-    versions, entity = [], None
+    versions, entity, sentiment = [], None, None
     for role, folder, name in _folders(args):
         if role == "entity":
             entity = Version(name, role, folder, {})
+        elif role == "sentiment":
+            sentiment = Version(name, role, folder, {})
         else:
             versions.append(Version(name, role, folder, resolve_calibration(
                 folder, args.data, args.target_precision, args.default_threshold)))
@@ -405,6 +524,11 @@ def build_app(args: AppArgs) -> Application:
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_top_k=args.max_top_k)
     secret = args.api_token or get_settings().api_token  # read where Serve builds the app: on the cluster
     token = (secret.get_secret_value() if secret else "") or None  # empty: no auth (not an empty password)
+    monitor = None
+    if sentiment is not None:
+        scorer = SentimentServer.options(user_config=knobs).bind(sentiment, args.threads)
+        monitor = MonitorServer.options(user_config=args.alerting.model_dump()).bind(
+            scorer, sentiment, args.monitor_store, args.retries)
     return Ingress.options(user_config=args.routing.model_dump()).bind(
         models[0] if models else None, models[1] if len(models) > 1 else None, versions, tagger, entity,
-        playbook, playbook_source, limits, args.retries, token)
+        playbook, playbook_source, limits, args.retries, token, monitor, sentiment)

@@ -31,6 +31,8 @@ COMMANDS = {
             "smoke test -> report.md."),
     "submit": ("slimray.submit:submit_cli", "Run a stage as a Ray job on a running cluster and follow it."),
     "jobs": ("slimray.submit:jobs_cli", "List, inspect, follow and stop slimray jobs on a Ray cluster."),
+    "monitor": ("slimray.monitor:cli", "The sentiment monitor's batch side: ingest a file of texts, draw the "
+                "trends and alerts."),
 }
 
 

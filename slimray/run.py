@@ -241,7 +241,7 @@ def start(cfg: RunConfig) -> Run:
         RunConfig, {**cfg.model_dump(mode="json", exclude_unset=True), "out": str(out)})])
     write_json(out / "run.json", {"command": command, "source": source, "profile": str(profile_path),
                                   "profile_values": profile.model_dump(mode="json")})
-    apply_serve_env()  # read when Ray starts: the cluster the fine-tune starts also serves the smoke test
+    apply_serve_env(cfg.port)  # read when Ray starts: the cluster the fine-tune starts also serves the smoke test
     print(f"slimray run: {source} with profile {profile_path.stem.removeprefix('run_')!r} → {out}", flush=True)
     return Run(cfg, source, profile, out, stages, RunState(out))
 

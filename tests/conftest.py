@@ -246,3 +246,52 @@ def tiny_classifier(tiny_encoder, sample_data, tmp_path_factory) -> Path:
     tokenizer.save_pretrained(out)
     write_json(out / "manifest.json", {"stage": "test fixture", "max_length": 64})
     return out
+
+
+SENTIMENT_TEMPLATES = {
+    "negative": ["{c} shares slump after the {e} recall", "{c} faces a lawsuit over the {e} failure",
+                 "investors flee {c} as the {e} scandal grows", "{c} cuts jobs after a dismal {e} launch",
+                 "regulators fine {c} for the faulty {e}"],
+    "neutral": ["{c} will publish its {e} report on Tuesday", "{c} moves its {e} office to a new building",
+                "the {e} committee of {c} meets next week", "{c} names a new head of its {e} unit",
+                "{c} lists the {e} schedule for the year"],
+    "positive": ["{c} shares soar on record {e} profits", "{c} wins an award for its brilliant {e}",
+                 "customers love the new {e} from {c}", "{c} beats every forecast with its {e} sales",
+                 "analysts praise the excellent {e} of {c}"],
+}
+
+
+def sentiment_sentences(seed: int = 0, per_label: int = 60) -> list[tuple[str, str]]:
+    """(text, label) pairs of templated news sentences with plain sentiment, seeded."""
+    import random
+
+    rng = random.Random(seed)
+    companies, things = ["Acme", "Globex", "Initech", "Umbrella", "Hooli"], ["phone", "car", "cloud", "chip", "bank"]
+    return [(rng.choice(templates).format(c=rng.choice(companies), e=rng.choice(things)), label)
+            for label, templates in SENTIMENT_TEMPLATES.items() for _ in range(per_label)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sentiment(tiny_encoder, tmp_path_factory) -> Path:
+    """A 2-layer MiniLM sentiment classifier (negative / neutral / positive), trained in-process on templated
+    news sentences (~15 s): the monitor's tests need a model whose labels mean something."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from jobs.artifacts import write_json
+    from jobs.modeling import load_pretrained_for_training
+    from tuning.methods import Context, kd_train
+
+    labels = ["negative", "neutral", "positive"]
+    rows = sentiment_sentences()
+    texts, y = [t for t, _ in rows], np.asarray([labels.index(lab) for _, lab in rows])
+    model = load_pretrained_for_training(str(tiny_encoder), labels, "AutoModelForSequenceClassification")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    ctx = Context(train_texts=texts, train_labels=y, teacher_logits=np.zeros((len(y), 3), dtype=np.float32),
+                  val_texts=texts[:30], val_labels=y[:30], max_length=32, threads=2)
+    kd_train(model, tokenizer, ctx, epochs=4, lr=1e-3, temperature=1.0, alpha=0.0)
+    out = tmp_path_factory.mktemp("tiny-sentiment")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "manifest.json", {"stage": "test fixture", "max_length": 32})
+    return out

@@ -8,5 +8,13 @@ bash scripts/setup.sh
 ckv="$HOME/.cache/slimray/checkov"
 [ -x "$ckv/bin/checkov" ] || { python3 -m venv "$ckv" && "$ckv/bin/pip" install -q checkov==3.3.30; } \
   || echo "checkov could not be installed: its test will be skipped" >&2
+# PostgreSQL for the monitor store's tests (Debian's package; each test session starts its own server on a
+# Unix socket in a temporary folder, so the package's own cluster is never used).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo -n"; fi
+  { $sudo apt-get install -y -q postgresql >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q postgresql >/dev/null; }; } \
+    || echo "PostgreSQL could not be installed: the monitor's PostgreSQL tests will fail" >&2
+fi
 if [ "$(id -u)" = 0 ]; then ns="unshare -n"; else ns="unshare -rn"; fi
 exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest --integration -p no:cacheprovider "$@"' sh "$@"

@@ -26,8 +26,8 @@ from raycluster import free_port  # tests/raycluster.py
 from jobs.calibration import calibrate_handoff, choose_threshold, read_calibration, write_calibration
 from jobs.config import ConfigError
 from jobs.errors import InputError
-from serve_app.api import Classification, Limits, Tagging, make_api
-from serve_app.app import CANARY, ENTITY, INGRESS, MODEL, AppArgs, BatchKnobs, RoutingKnobs
+from serve_app.api import Classification, Limits, Tagging, make_api, parse_server_timing
+from serve_app.app import CANARY, ENTITY, INGRESS, MODEL, MONITOR, SENTIMENT, AppArgs, BatchKnobs, RoutingKnobs
 from serve_app.assistant import (GENERATED_REPLY, Playbook, decide, find_playbook, load_playbook, render,
                                  topic_of)
 
@@ -191,7 +191,8 @@ class FakeBackend:
     async def classify(self, texts):
         self.calls.append(texts)
         return Classification(version="v-test", threshold=0.5,
-                              top=[[("fee", 0.9), ("lost", 0.06), ("other", 0.04)] for _ in texts], replica="r1")
+                              top=[[("fee", 0.9), ("lost", 0.06), ("other", 0.04)] for _ in texts], replica="r1",
+                              timing={"hop_ms": 1.0, "queue_ms": 2.0, "forward_ms": 3.0, "batch": 2, "model_ms": 5})
 
     async def entities(self, texts):
         """Every capitalised word is a location."""
@@ -226,6 +227,11 @@ def test_api_classify_and_assist():
         async with client:
             r = await client.post("/v1/classify", json={"texts": ["a", "b"], "top_k": 2})
             assert r.status_code == 200 and r.headers["x-model-version"] == "v-test"
+            timing = parse_server_timing(r.headers["server-timing"])  # where the time went, the ingress's own last
+            assert timing.keys() == {"hop", "queue", "forward", "batch", "ingress"} and timing["batch"] == 2
+            assert timing["ingress"] >= 0
+            r_bad = await client.post("/v1/classify", json={"texts": []})
+            assert r_bad.status_code == 422 and parse_server_timing(r_bad.headers["server-timing"]).keys() == {"ingress"}
             body = r.json()
             assert body["model_version"] == "v-test" and len(body["results"]) == 2
             assert body["results"][0]["label"] == "fee" and len(body["results"][0]["top_k"]) == 2
@@ -455,8 +461,14 @@ def test_an_entity_model_gets_the_model_options_and_an_entity_model_alone_no_mod
     options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in alone.applications[0].deployments}
     assert set(options) == {INGRESS, ENTITY} and options[ENTITY]["user_config"]["max_batch_size"] == 8
     assert alone.applications[0].args == {"entity_model": "/m/ner", "batching": {"max_batch_size": 8}}
-    with pytest.raises(ValueError, match="give model .*, entity_model .* or both"):
+    with pytest.raises(ValueError, match="give model .*, entity_model .*, sentiment_model .*, or several"):
         AppArgs()
+    monitor = serve_schema(AppArgs(sentiment_model="/m/sent", alerting={"min_count": 5}))
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in monitor.applications[0].deployments}
+    assert set(options) == {INGRESS, SENTIMENT, MONITOR}  # the sentiment model is batched like Model
+    assert {k: v for k, v in options[SENTIMENT].items() if k != "user_config"} == {
+        k: v for k, v in yaml_options[MODEL].items() if k != "user_config"}
+    assert options[MONITOR] == {"user_config": {"min_count": 5}}
     with pytest.raises(ValueError, match="canary_model is a second version of the intent model"):
         AppArgs(entity_model="/m/ner", canary_model="/m/int8")
 
@@ -531,6 +543,28 @@ def test_an_api_token_argument_travels_only_in_the_environment_of_a_cluster_star
     assert os.environ[TOKEN_ENV] == "tok-123"
 
 
+def test_direct_ingress_is_set_only_for_a_cluster_this_process_starts_and_can_be_turned_off(monkeypatch):
+    import serve_app.run as run
+
+    keys = [*run.direct_ingress_env(1), *run.SERVE_ENV]
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(run, "_direct_port", None)
+    monkeypatch.setenv("SLIMRAY_RAY_ADDRESS", "ray://head:10001")
+    run.apply_serve_env(8123)  # a running cluster keeps its own settings: its proxies serve the port
+    assert run.DIRECT_INGRESS not in os.environ and run._direct_port is None
+    assert all(os.environ[k] == v for k, v in run.SERVE_ENV.items())
+    monkeypatch.delenv("SLIMRAY_RAY_ADDRESS")
+    run.apply_serve_env(8123)
+    assert os.environ[run.DIRECT_INGRESS] == "1" and run._direct_port == 8123
+    assert (os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]
+            ) == ("8123", "8124")  # Serve's range excludes its maximum: exactly the port
+    monkeypatch.setattr(run, "_direct_port", None)
+    monkeypatch.setenv(run.DIRECT_INGRESS, "0")
+    run.apply_serve_env(8123)
+    assert os.environ[run.DIRECT_INGRESS] == "0" and run._direct_port is None
+
+
 # --- the real Serve graph (integration) ---------------------------------------------------------------------
 
 def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -546,7 +580,8 @@ def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout_s: floa
 @pytest.mark.integration
 def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetuned, sample_data, tmp_path):
     """`slimray serve` end to end, as a user runs it: its own embedded cluster, a bearer token given as a flag,
-    the deployment options of the repo's YAML; Ctrl-C (SIGINT) shuts it down cleanly."""
+    the deployment options of the repo's YAML, direct ingress on the port; Ctrl-C (SIGINT) shuts it down
+    quietly."""
     port, log = free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's cluster
     cmd = [str(Path(sys.executable).parent / "slimray"), "serve", "--model", str(finetuned), "--data",
@@ -565,7 +600,11 @@ def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetune
         (version,) = models["versions"]
         assert version["calibration"]["source"].startswith("computed")
         assert version["calibration"]["split"] == "validation"
-        assert version["batching"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}  # the YAML's user_config
+        assert version["batching"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.0}  # the YAML's user_config
+        # direct ingress: the ingress replica itself listens on the port, so no proxy hop
+        assert f"Started HTTP server on port {port}" in log.read_text()
+        assert parse_server_timing(r.headers["server-timing"]).keys() >= {"ingress", "hop", "forward", "batch"}
+        before_stop = len(log.read_text())
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
@@ -573,6 +612,8 @@ def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetune
             proc.kill()
             proc.wait()
     assert "s3cret-token" not in log.read_text()
+    stopping = log.read_text()[before_stop:]  # a quiet stop: Serve, then Ray, one line; no traceback
+    assert "slimray serve: stopped" in stopping and "Traceback" not in stopping, stopping[-3000:]
 
 
 @pytest.fixture(scope="module")
