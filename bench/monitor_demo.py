@@ -2,8 +2,8 @@
 the real commands (``slimray monitor ingest`` through Ray Data, then ``slimray monitor report``).
 
 The stream is built from a prepared sentiment dataset's test split (texts the model never trained on, with
-their human labels): per topic and hour, 24 sentences drawn at the split's own negative share, except in
-the surge hours of one topic, where 70% are drawn from the human-negative sentences. The monitor sees only
+their human labels): per topic and hour, 40 sentences drawn at the split's own negative share, except in
+the surge hours of one topic, where 90% are drawn from the human-negative sentences. The monitor sees only
 the texts and their times; its labels come from the model. It should alert on the surge hours and nowhere
 else.
 
@@ -42,7 +42,7 @@ def build_stream(data: Path, hours: int, per_hour: int, surge: range, seed: int)
         for hour in range(hours):
             in_surge = topic == "markets" and hour in surge
             for j in range(per_hour):
-                text = rng.choice(negative) if in_surge and rng.random() < 0.7 else rng.choice(rows)[0]
+                text = rng.choice(negative) if in_surge and rng.random() < 0.9 else rng.choice(rows)[0]
                 when = START + timedelta(hours=hour, seconds=rng.randrange(3600))
                 items.append({"id": f"{topic}-{hour:03d}-{j:03d}", "topic": topic, "text": text,
                               "time": when.isoformat().replace("+00:00", "Z")})
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="its prepared data folder (the test split feeds the stream)")
     p.add_argument("--out", required=True)
     p.add_argument("--hours", type=int, default=48)
-    p.add_argument("--per-hour", type=int, default=24)
+    p.add_argument("--per-hour", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 

@@ -281,21 +281,21 @@ def run_plain(model_dir: str, threads: int, mode: str, port: int, texts, duratio
         proc.wait(timeout=30)
 
 
-def run_serve(model_dir: str, configs: list[tuple[int, int]], port: int, texts, duration_s, warmup_s,
+def run_serve(model_dir: str, configs: list[tuple[int, int, bool]], port: int, texts, duration_s, warmup_s,
               points=FULL_POINTS, open_loop_s: float = 0, on_result: Callable[[str, dict], None] | None = None
               ) -> dict:
-    """The graph as ``slimray serve`` deploys it, once per (model replicas, threads) config."""
+    """The graph as ``slimray serve`` deploys it, once per (model replicas, threads, local_model) config."""
     from ray import serve
 
     from serve_app.app import MODEL, AppArgs
     from serve_app.run import deploy
 
     out = {}
-    for replicas, threads in configs:  # the YAML's deployment options, with a fixed replica count
-        deploy(AppArgs(model=model_dir, threads=threads), port=port,
+    for replicas, threads, local in configs:  # the YAML's deployment options, with a fixed replica count
+        deploy(AppArgs(model=model_dir, threads=threads, local_model=local), port=port,
                deployments={MODEL: {"num_replicas": replicas, "autoscaling_config": None}})
         wait_http(port)
-        name = f"serve {replicas}x{threads}"
+        name = f"serve {replicas}x{threads}" + (" +local" if local else "")
         print(f"  {name}", flush=True)
         result = {"closed": load_points(port, texts, duration_s, warmup_s, ray_processes(), points)}
         if open_loop_s:
@@ -395,7 +395,8 @@ def main() -> None:
         print(f"  plain uvicorn ({mode} route)", flush=True)
         save("systems", f"plain {mode}", run_plain(model_dir, args.threads, mode, args.port + 1, texts,
                                                    args.duration_s, args.warmup_s, open_loop_s=args.open_loop_s))
-    configs = [(1, args.threads), (max(1, 2 // args.threads), 1)]  # (model replicas, threads each) <= 2 threads
+    # (model replicas, threads each, the ingress's own copy of the primary): model threads in all <= 2
+    configs = [(1, args.threads, False), (max(1, 2 // args.threads), 1, False), (1, 1, True)]
     apply_serve_env(args.port)  # as `slimray serve` starts its cluster: direct ingress on the port
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray renices its workers by +15: not the plain server's
     connect()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -139,7 +139,8 @@ def report(cfg: ReportConfig) -> Path:
             values = [p[label] for p in points]
             counts_ax.bar(starts, values, width=width_days, bottom=bottom, color=color, label=label, align="edge")
             bottom = [b + v for b, v in zip(bottom, values)]
-        share_ax.plot([s for s in starts], [p["negative"] / p["n"] for p in points], color="#c0392b",
+        middle = timedelta(seconds=BUCKETS[cfg.bucket] / 2)  # each share at its bucket's middle, over its bar
+        share_ax.plot([s + middle for s in starts], [p["negative"] / p["n"] for p in points], color="#c0392b",
                       marker=".", label="negative share")
         for ax in (counts_ax, share_ax):
             for a in alerts:

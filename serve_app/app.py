@@ -48,6 +48,7 @@ log = logging.getLogger("slimray.serve")
 
 INGRESS, MODEL, CANARY, ENTITY = "Ingress", "Model", "CanaryModel", "EntityModel"
 SENTIMENT, MONITOR = "SentimentModel", "Monitor"
+LOCAL_QUEUE = 16  # single texts the ingress's own copy of the primary holds queued before spilling to Model
 
 
 class BatchKnobs(StrictModel):
@@ -100,6 +101,9 @@ class AppArgs(StrictModel):
     playbook: str | None = Field(default=None, description="Playbook YAML (default: playbook.yaml in the model "
                                  "folder or in its training data's source folder; else generated replies)")
     threads: int = Field(default=1, ge=1, description="torch (or ONNX Runtime) threads per model replica")
+    local_model: bool = Field(default=False, description="The ingress also loads the primary version and answers "
+                              "single-text requests from it while it has few queued; other requests, the canary's "
+                              "share and the overflow go to the Model deployment")
     max_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify or /v1/entities request")
     max_chars: int = Field(default=1000, ge=1, description="Longest text accepted, in characters")
     max_top_k: int = Field(default=5, ge=1, description="Largest top_k a request may ask for")
@@ -199,14 +203,18 @@ class ModelServer(BatchedModel):
         return await self._answer(texts)
 
     def _run(self, texts: list[str]) -> list[list[tuple[str, float]]]:
-        from jobs.inference import softmax
+        return top_labels(self.model, self.labels, texts, self.max_top_k)
 
-        labels = self.labels
-        # Texts of similar token length share a forward: a padded batch of mixed lengths costs about as much
-        # as its single forwards on this CPU, so padding would eat what batching saves.
-        probs = softmax(self.model.logits(texts, batch_size=len(texts), by_length=True))  # (B, labels)
-        idx = np.argsort(-probs, axis=1)[:, :self.max_top_k]  # (B, k)
-        return [list(zip(labels[row].tolist(), probs[i, row].astype(float).tolist())) for i, row in enumerate(idx)]
+
+def top_labels(model: Any, labels: np.ndarray, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per text, the ``k`` most likely labels with their probabilities, best first."""
+    from jobs.inference import softmax
+
+    # Texts of similar token length share a forward: a padded batch of mixed lengths costs about as much as its
+    # single forwards on this CPU, so padding would eat what batching saves.
+    probs = softmax(model.logits(texts, batch_size=len(texts), by_length=True))  # (B, labels)
+    idx = np.argsort(-probs, axis=1)[:, :k]  # (B, k)
+    return [list(zip(labels[row].tolist(), probs[i, row].astype(float).tolist())) for i, row in enumerate(idx)]
 
 
 @serve.deployment(name=ENTITY)
@@ -312,13 +320,23 @@ class Ingress:
     def __init__(self, primary: DeploymentHandle | None, canary: DeploymentHandle | None, versions: list[Version],
                  entity: DeploymentHandle | None, entity_version: Version | None, playbook: Playbook,
                  playbook_source: str, limits: Limits, retries: int, api_token: str | None,
-                 monitor: DeploymentHandle | None = None, sentiment_version: Version | None = None):
+                 monitor: DeploymentHandle | None = None, sentiment_version: Version | None = None,
+                 local_model: bool = False, threads: int = 1):
         from ray.serve.metrics import Counter
 
         self.handles = [h for h in (primary, canary) if h is not None]
         self.versions, self.retries = versions, retries
         self.entity, self.entity_version = entity, entity_version
         self.monitor, self.sentiment_version = monitor, sentiment_version
+        self.local: Batcher | None = None
+        if local_model and versions:  # the primary, in this process too, for single messages
+            from jobs.inference import load_inference_model
+
+            model = load_inference_model(versions[0].model_dir, threads=threads)
+            labels = np.array(model.labels, dtype=object)
+            self.local = Batcher(lambda texts: top_labels(model, labels, texts, limits.max_top_k),
+                                 max_batch_size=LOCAL_QUEUE)
+            self.local.run(["warm-up"])
         self.playbook, self.playbook_source = playbook, playbook_source
         self.limits = limits
         self.api_token = api_token
@@ -352,6 +370,13 @@ class Ingress:
         """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
         i = 1 if len(self.handles) > 1 and random.random() < self.knobs.canary_fraction else 0
         version = self.versions[i]
+        if i == 0 and self.local is not None and len(texts) == 1 and self.local.queued_texts < LOCAL_QUEUE:
+            t0 = time.perf_counter()
+            result = await self.local.submit(texts)
+            timing = {"hop_ms": 0.0, "queue_ms": (result.started - t0) * 1000, "forward_ms": result.forward_s * 1000,
+                      "batch": result.batch}
+            return Classification(version=version.version, threshold=self._threshold(version), top=result.rows,
+                                  replica="ingress", timing=timing)
         top, replica, timing = await self._call(self.handles[i], "classify", version.version, texts)
         return Classification(version=version.version, threshold=self._threshold(version), top=top, replica=replica,
                               timing=timing)
@@ -531,4 +556,4 @@ def build_app(args: AppArgs) -> Application:
             scorer, sentiment, args.monitor_store, args.retries)
     return Ingress.options(user_config=args.routing.model_dump()).bind(
         models[0] if models else None, models[1] if len(models) > 1 else None, versions, tagger, entity,
-        playbook, playbook_source, limits, args.retries, token, monitor, sentiment)
+        playbook, playbook_source, limits, args.retries, token, monitor, sentiment, args.local_model, args.threads)

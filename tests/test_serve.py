@@ -661,6 +661,32 @@ async def _post_all(url: str, path: str, bodies: list[dict], concurrency: int = 
 
 
 @pytest.mark.integration
+def test_graph_with_a_local_primary_answers_single_texts_in_the_ingress_as_the_model_would(graph_app):
+    """local_model: the ingress answers the primary's single texts from its own copy (no handle hop); several
+    texts, and the canary's share, still go to the model deployments, with the same answers."""
+    from serve_app.run import deploy
+
+    args, port = graph_app
+    url = deploy(args.model_copy(update={"local_model": True}), port=port)
+    texts = _sample_messages(24)
+    singles = asyncio.run(_post_all(url, "/v1/classify", [{"texts": [t]} for t in texts]))
+    assert all(r.status_code == 200 for r in singles)
+    local = [r for r in singles if r.headers["x-model-replica"] == "ingress"]
+    assert local and all(r.headers["x-model-version"] == "v1" for r in local)
+    assert all(parse_server_timing(r.headers["server-timing"])["hop"] == 0 for r in local)
+    assert any(r.headers["x-model-version"] == "v2" for r in singles)  # the canary's share: its deployment
+    by_text = {t: r.json()["results"][0] for t, r in zip(texts, singles) if r.headers["x-model-replica"] == "ingress"}
+    asked = list(by_text)[:2]
+    pair = httpx.post(f"{url}/v1/classify", json={"texts": asked}, timeout=60)
+    while pair.headers["x-model-version"] != "v1":  # a v1 answer from the Model deployment
+        pair = httpx.post(f"{url}/v1/classify", json={"texts": asked}, timeout=60)
+    assert pair.headers["x-model-replica"] != "ingress"
+    for text, result in zip(asked, pair.json()["results"], strict=True):
+        assert by_text[text]["label"] == result["label"]
+        assert by_text[text]["score"] == pytest.approx(result["score"], abs=1e-4)
+
+
+@pytest.mark.integration
 def test_graph_classifies_and_describes_both_versions(graph):
     texts = _sample_messages(3)
     r = httpx.post(graph.url + "/v1/classify", json={"texts": texts, "top_k": 4}, timeout=30)
