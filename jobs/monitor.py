@@ -153,6 +153,7 @@ class MonitorStore:
 
     def __init__(self, engine: Any, url: str):
         self.engine, self.url = engine, url
+        self.writer = engine.execution_options(writer=True)  # transactions that write (SQLite: BEGIN IMMEDIATE)
 
     @classmethod
     def open(cls, url: str) -> "MonitorStore":
@@ -182,10 +183,17 @@ class MonitorStore:
 
             @event.listens_for(engine, "connect")
             def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None  # SQLAlchemy's begin event below starts transactions
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
                 cur.execute("PRAGMA busy_timeout=30000")  # writers from several replicas take turns
                 cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn: Any) -> None:
+                # A writer takes the write lock up front: a deferred one that read first would fail at once
+                # (SQLITE_BUSY_SNAPSHOT) when another writer committed in between, whatever the busy timeout.
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writer") else "BEGIN")
         try:
             upgrade(engine)
         except OperationalError as e:
@@ -200,12 +208,24 @@ class MonitorStore:
         Returns, per item in order: ``stored``; ``duplicate`` (the id exists with the same content, or repeats
         earlier in ``items``); ``conflict`` (the id exists with other content; nothing is changed).
         """
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(3):
+            try:
+                return self._add(items, rule, now)
+            except IntegrityError:  # another writer stored one of these ids meanwhile: its row is now visible
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add(self, items: Sequence[Observation], rule: AlertRule, now: datetime | None) -> list[str]:
         from sqlalchemy import select
 
         now = _naive(now or datetime.now(timezone.utc))
         ids = [it.id for it in items]
         statuses: list[str] = []
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
+            self._lock_topics(conn, {it.topic for it in items})
             existing = {}
             for chunk in _chunks(sorted(set(ids)), 500):
                 rows = conn.execute(select(OBSERVATIONS.c.id, OBSERVATIONS.c.content_sha256)
@@ -236,15 +256,28 @@ class MonitorStore:
         changed or added after the texts were stored."""
         from sqlalchemy import select
 
-        with self.engine.begin() as conn:
+        with self.writer.begin() as conn:
             query = select(OBSERVATIONS.c.topic, OBSERVATIONS.c.time)
             if topic is not None:
                 query = query.where(OBSERVATIONS.c.topic == topic)
             windows: dict[str, set[int]] = {}
             for t, time in conn.execute(query):
                 windows.setdefault(t, set()).add(int(_epoch(time) // rule.window_s))
+            self._lock_topics(conn, set(windows))
             for t, ks in windows.items():
                 self._refresh_alerts(conn, t, ks, rule)
+
+    def _lock_topics(self, conn: Any, topics: set[str]) -> None:
+        """On PostgreSQL, holds each topic's advisory lock until the transaction ends (in one order, so two
+        writers cannot deadlock): writers of one topic take turns, so each recomputes its alerts over the
+        other's rows. SQLite has one writer at a time anyway."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        from sqlalchemy import text
+
+        for topic in sorted(topics):
+            key = int.from_bytes(hashlib.sha256(topic.encode()).digest()[:8], "big", signed=True)
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def _refresh_alerts(self, conn: Any, topic: str, windows: set[int], rule: AlertRule) -> None:
         """Recomputes the alerts of ``windows`` and of the windows whose baseline holds one of them."""

@@ -289,3 +289,18 @@ def test_monitor_ingest_names_missing_columns_before_starting_ray(tiny_sentiment
     source.write_text("id,headline\n1,Acme slumps\n")
     with pytest.raises(InputError, match=r"missing column\(s\) \['topic', 'text'\]"):
         ingest(IngestConfig(input=source, model=tiny_sentiment, store=f"sqlite:///{tmp_path / 'm.db'}"))
+
+
+def test_concurrent_writers_of_one_topic_store_each_id_once_and_agree_on_the_alerts(store_url, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = surge_data() + surge_data(topic="beta", surge_hour=8)
+    batches = [items[i::4] + items[:10] for i in range(4)]  # interleaved, and the first 10 ids in every batch
+    store = MonitorStore.open(store_url)
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [s for batch in pool.map(lambda b: MonitorStore.open(store_url).add(b, RULE), batches)
+                    for s in batch]
+    assert statuses.count("stored") == len(items) and store.count() == len(items)
+    serial = MonitorStore.open(f"sqlite:///{tmp_path / 'serial.db'}")
+    serial.add(items, RULE)
+    assert store.alerts(RULE) == serial.alerts(RULE)
