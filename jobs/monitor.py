@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -295,7 +296,8 @@ class MonitorStore:
         for r in rows:
             per_window.setdefault(int(_epoch(r.time) // w), []).append(r)
         key = rule_key(rule)
-        judged = [k for k in range(lo, hi + 1) if k in windows or any(0 < k - j <= b for j in windows)]
+        # each touched window and the b after it, whose baselines hold it: O(windows x b), not O(span x windows)
+        judged = sorted({k + d for k in windows for d in range(b + 1)})
         conn.execute(delete(ALERTS).where(
             ALERTS.c.topic == topic, ALERTS.c.rule == key,
             ALERTS.c.window_start.in_([_naive(datetime.fromtimestamp(k * w, timezone.utc)) for k in judged])))
@@ -379,6 +381,9 @@ class MonitorStore:
             return conn.execute(select(func.count()).select_from(OBSERVATIONS)).scalar_one()
 
 
+_MIGRATING = threading.Lock()  # alembic's migration context is process-global: one upgrade at a time
+
+
 def upgrade(engine: Any, revision: str = "head") -> None:
     """Brings the database's schema to ``revision`` with alembic (``jobs/monitor_migrations``)."""
     from alembic import command
@@ -386,7 +391,7 @@ def upgrade(engine: Any, revision: str = "head") -> None:
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with _MIGRATING, engine.begin() as conn:
         if engine.dialect.name == "postgresql":  # replicas starting together migrate one after the other
             from sqlalchemy import text
 
