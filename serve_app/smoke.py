@@ -16,6 +16,7 @@ thread like a replica), right after, so the cost of serving is a difference meas
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import statistics
 import time
@@ -25,17 +26,19 @@ log = logging.getLogger("slimray.serve")
 
 
 @contextlib.contextmanager
-def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1", entity: bool = False
-                ) -> Iterator[str]:
+def serve_model(model: str, data: str | None, port: int, host: str = "127.0.0.1", entity: bool = False,
+                index: str | None = None, generator: str | None = None, max_new_tokens: int = 96) -> Iterator[str]:
     """Deploys the app of ``serve_app/serve_config.yaml`` for ``model`` (``serve_app.run.deploy``; as the entity
-    model with ``entity``); yields its URL, and shuts Serve down on exit."""
+    model with ``entity``; with a knowledge index and a generator when given); yields its URL, and shuts Serve
+    down on exit."""
     from ray import serve
 
     from serve_app.app import AppArgs
     from serve_app.run import deploy
 
     args = (AppArgs(entity_model=str(model)) if entity else
-            AppArgs(model=str(model), data=str(data) if data else None))
+            AppArgs(model=str(model), data=str(data) if data else None, index=index, generator=generator,
+                    max_new_tokens=max_new_tokens))
     url = deploy(args, host=host, port=port)
     try:
         yield url
@@ -197,4 +200,42 @@ def smoke_test_entities(url: str, model_dir: str, texts: Sequence[str], requests
     log.info("smoke test: /v1/entities p50 %.1f ms (1 text), %.0f texts/s (%d texts); %d entities, served = "
              "in-process on %.3f of texts", result["entities_p50_ms"], result["entities_texts_per_s"], batch_size,
              result["entities_found"], result["served_agreement"])
+    return result
+
+
+def smoke_test_knowledge(url: str, questions: Sequence[str], timeout_s: float = 300.0) -> dict[str, Any]:
+    """Sends each question to ``/v1/assist?stream=true`` and reads the server-sent events: where each answer
+    came from (playbook, generated, hand-off), its citations, the time to its first ``token`` event and to
+    ``done``. Every response must be 200 and end with a ``done`` event."""
+    import requests as http
+
+    rows = []
+    for question in questions:
+        t0, first, done = time.perf_counter(), None, None
+        with http.post(f"{url}/v1/assist", params={"stream": "true"}, json={"message": question}, stream=True,
+                       timeout=timeout_s) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"smoke test: POST /v1/assist?stream=true answered {response.status_code}: "
+                                   f"{response.text[:300]}")
+            event = None
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "token":
+                    first = first or time.perf_counter()
+                elif line.startswith("data: ") and event == "done":
+                    done = json.loads(line.removeprefix("data: "))
+        if done is None:
+            raise RuntimeError(f"smoke test: the stream for {question!r} ended without a done event")
+        rows.append({"question": question, "source": done["source"], "reply": done["reply"],
+                     "citations": [c["id"] for c in done["citations"]], "intent": done["intent"],
+                     "first_token_ms": 1000 * ((first or time.perf_counter()) - t0),
+                     "done_ms": 1000 * (time.perf_counter() - t0)})
+    sources = [r["source"] for r in rows]
+    generated = [r for r in rows if r["source"] == "generated"]
+    result = {"questions": len(rows), **{f"{s}_answers": sources.count(s) for s in ("playbook", "generated", "handoff")},
+              "generated_first_token_p50_ms": statistics.median(r["first_token_ms"] for r in generated)
+              if generated else None, "answers": rows}
+    log.info("smoke test of the knowledge path: %d questions: %d generated, %d playbook, %d hand-off",
+             len(rows), result["generated_answers"], result["playbook_answers"], result["handoff_answers"])
     return result

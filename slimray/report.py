@@ -268,7 +268,35 @@ def smoke_section(smoke: dict[str, Any]) -> list[str]:
         f"{smoke['classify_p50_ms']:.1f} | | {smoke['classify_texts_per_s']:.0f} texts/s | "
         f"{smoke['raw_texts_per_s']:.0f} texts/s | {smoke['classify_accuracy']:.3f} |",
         "",
+        *knowledge_section(smoke.get("knowledge")),
     ]
+
+
+def knowledge_section(knowledge: dict[str, Any] | None) -> list[str]:
+    """The knowledge path of the smoke test: each question, where its answer came from, and the answer."""
+    if not knowledge:
+        return []
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    first = knowledge.get("generated_first_token_p50_ms")
+    lines = [
+        "### Answers from the knowledge base",
+        "",
+        f"The documents indexed in `{knowledge['index']}`, and `{knowledge['generator']}` answering what the "
+        f"playbook does not cover (streamed, `/v1/assist?stream=true`): {knowledge['generated_answers']} of "
+        f"{knowledge['questions']} answers generated, {knowledge['playbook_answers']} from the playbook, "
+        f"{knowledge['handoff_answers']} handed off"
+        + (f"; first token after {first:.0f} ms (p50 of the generated)." if first is not None else "."),
+        "",
+        "| question | intent | source | reply | citations |",
+        "|---|---|---|---|---|",
+    ]
+    for a in knowledge["answers"]:
+        lines.append(f"| {cell(a['question'])} | {a['intent']} | {a['source']} | {cell(a['reply'])} | "
+                     f"{', '.join(a['citations'])} |")
+    return lines + [""]
 
 
 def entities_smoke_section(smoke: dict[str, Any]) -> list[str]:

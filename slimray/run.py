@@ -60,6 +60,17 @@ class SmokeOptions(StrictModel):
     batch_requests: int = Field(default=5, ge=1, description="Requests of 32 texts sent to /v1/classify")
 
 
+class KnowledgeOptions(StrictModel):
+    """The assistant's knowledge base in the smoke test: documents indexed, a generator for what the playbook
+    does not cover, and questions sent through /v1/assist?stream=true."""
+
+    generator: str | None = Field(default="smollm2", description="Causal LM folder or 'smollm2' (its PyPI "
+                                  "package); null: index and /v1/search only")
+    questions: int = Field(default=4, ge=0, description="Questions sent: from the sample's question set, else "
+                           "made from the passages' titles")
+    max_new_tokens: int = Field(default=48, ge=1, le=1024, description="Longest generated reply, in tokens")
+
+
 class RunConfig(StrictModel):
     """Run the whole pipeline: prepare -> fine-tune (DeepSpeed ZeRO) -> compression search -> serving smoke
     test -> report.md with figures."""
@@ -73,6 +84,9 @@ class RunConfig(StrictModel):
                          "(the benchmark configuration), or a profile YAML path")
     out: Path | None = Field(default=None, description="Run folder (default: runs/<data name>-<profile>). Running "
                              "again into the same folder skips the completed stages")
+    docs: Path | None = Field(default=None, description="Documents of the assistant's knowledge base (Markdown, "
+                              "text, HTML, CSV FAQ): indexed and served with a generator for what the playbook "
+                              "does not cover. Default: the built-in sample's, when --data is not given")
     serve: bool = Field(default=False, description="Keep the assistant up at the end; prints a curl command")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the smoke test and of --serve")
     fresh: bool = Field(default=False, description="Run every stage again, even those complete for these inputs")
@@ -85,6 +99,8 @@ class Profile(StrictModel):
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig options")
     compress: dict[str, Any] = Field(default_factory=dict, description="CompressConfig options")
     smoke: SmokeOptions = Field(default_factory=SmokeOptions, description="Serving smoke test")
+    knowledge: KnowledgeOptions = Field(default_factory=KnowledgeOptions, description="Knowledge base in the "
+                                        "smoke test (with --docs, or the built-in sample)")
 
 
 def load_profile(name_or_path: str) -> tuple[Profile, Path]:
@@ -209,6 +225,15 @@ class Run:
         return self.out / "compress" / "chosen"
 
     @property
+    def docs(self) -> Path | None:
+        """The knowledge base's documents: --docs, else the sample's with the sample (none for a tagger)."""
+        if self.tagging:
+            return None
+        if self.cfg.docs is not None:
+            return self.cfg.docs.expanduser().resolve()
+        return SAMPLE / "knowledge" if not self.cfg.data else None
+
+    @property
     def tagging(self) -> bool:
         """The run builds an entity tagger (served as the entity model, smoke-tested on /v1/entities)."""
         from jobs.tasks import get_task
@@ -284,23 +309,53 @@ def run_compress(run: Run) -> None:
                 "the Pareto front", fingerprint, run.chosen / "manifest.json", search)
 
 
+def sample_questions(docs: Path, index: Path, n: int) -> list[str]:
+    """Questions for the knowledge smoke test: the sample's hand-written ones (answerable first, then one the
+    documents do not answer), else one per passage title."""
+    if docs == SAMPLE / "knowledge":
+        rows = [json.loads(line) for line in (SAMPLE / "rag" / "calibration.jsonl").read_text().splitlines()]
+        answerable = [r["question"] for r in rows if r["passage_id"]]
+        other = [r["question"] for r in rows if not r["passage_id"]]
+        return (answerable[:max(0, n - 1)] + other[:1])[:n]
+    titles = [json.loads(line)["title"] for line in (index / "passages.jsonl").read_text().splitlines()]
+    return [f"What can you tell me about {t.split(' - ')[-1].lower()}?" for t in titles[:n]]
+
+
+def build_knowledge_index(run: Run) -> Path:
+    from jobs.knowledge import IndexConfig
+    from jobs.knowledge import main as index
+
+    calibration = SAMPLE / "rag" / "calibration.jsonl" if run.docs == SAMPLE / "knowledge" else None
+    return index(IndexConfig(docs=run.docs, out=run.out / "kb", calibration=calibration))
+
+
 def run_smoke(run: Run) -> None:
     smoke_path = run.out / "smoke.json"
+    knowledge = run.profile.knowledge
     fingerprint = sha256_json({"options": run.profile.smoke.model_dump(),
-                               "model": file_sha256(run.chosen / "manifest.json")})
+                               "model": file_sha256(run.chosen / "manifest.json"),
+                               "knowledge": (knowledge.model_dump(), source_fingerprint(str(run.docs)))
+                               if run.docs else None})
 
     def smoke(resume: bool) -> None:
-        from serve_app.smoke import raw_baseline, serve_model, smoke_test, smoke_test_entities
+        from serve_app.smoke import raw_baseline, serve_model, smoke_test, smoke_test_entities, smoke_test_knowledge
 
         texts, labels = read_test_split(run.data_dir)  # a tagger's: sentences as text (words joined by spaces)
         n, batches = run.profile.smoke.requests, run.profile.smoke.batch_requests
         size = min(32, len(texts))  # texts per batched request: fewer only on a tiny test split
-        with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port, entity=run.tagging) as url:
+        index = build_knowledge_index(run) if run.docs else None
+        generator = knowledge.generator if index else None
+        with serve_model(str(run.chosen), str(run.data_dir), port=run.cfg.port, entity=run.tagging,
+                         index=str(index) if index else None, generator=generator,
+                         max_new_tokens=knowledge.max_new_tokens) as url:
             if run.tagging:
                 result = smoke_test_entities(url, str(run.chosen), texts, requests=n, batch_requests=batches,
                                              batch_size=size)
             else:
                 result = smoke_test(url, texts, labels, requests=n, batch_requests=batches, batch_size=size)
+            if index and generator and knowledge.questions:
+                result["knowledge"] = {"index": str(index), "generator": generator, **smoke_test_knowledge(
+                    url, sample_questions(run.docs, index, knowledge.questions))}
         # The same texts through the same model in this process, right after: what serving adds.
         result.update(raw_baseline(str(run.chosen), texts, requests=n, batch_requests=batches, batch_size=size))
         write_json(smoke_path, result)
@@ -329,7 +384,8 @@ def main(cfg: RunConfig) -> Path:
     run_smoke(run)
     report = run_report(run)
     if cfg.serve:
-        keep_serving(run.chosen, run.data_dir, cfg.port, run.tagging)
+        index = run.out / "kb" if run.docs and (run.out / "kb" / "index.json").is_file() else None
+        keep_serving(run.chosen, run.data_dir, cfg.port, run.tagging, index, run.profile.knowledge.generator)
     return report
 
 
@@ -348,18 +404,27 @@ def read_test_split(data_dir: Path) -> tuple[list[str], list[Any]]:
     return test["text"], test.get("label") or test["tags"]
 
 
-def keep_serving(chosen: Path, data_dir: Path, port: int, tagging: bool = False) -> None:
-    """Serves the chosen model (as the entity model, when ``tagging``) until Ctrl-C, after printing a ready curl
-    command."""
+def keep_serving(chosen: Path, data_dir: Path, port: int, tagging: bool = False, index: Path | None = None,
+                 generator: str | None = None) -> None:
+    """Serves the chosen model (as the entity model, when ``tagging``; with the knowledge index and generator
+    when given) until Ctrl-C, after printing a ready curl command."""
     from serve_app.app import AppArgs
     from serve_app.run import deploy, serving_until_interrupted
 
     texts, _ = read_test_split(data_dir)
-    args = AppArgs(entity_model=str(chosen)) if tagging else AppArgs(model=str(chosen), data=str(data_dir))
+    args = AppArgs(entity_model=str(chosen)) if tagging else AppArgs(
+        model=str(chosen), data=str(data_dir), index=str(index) if index else None,
+        generator=generator if index else None)
     path, body = ("/v1/entities", {"texts": [texts[0]]}) if tagging else ("/v1/assist", {"message": texts[0]})
     with serving_until_interrupted():
         url = deploy(args, port=port)
         body = shlex.quote(json.dumps(body))
-        print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n"
-              f"  curl -s -X POST {url}{path} -H 'content-type: application/json' -d {body}\n"
-              "Ctrl-C stops it.", flush=True)
+        tries = f"  curl -s -X POST {url}{path} -H 'content-type: application/json' -d {body}\n"
+        if index is not None:
+            question = shlex.quote(json.dumps({"message": "What are your branch opening hours on Saturday?"}))
+            tries += (f"  curl -s -X POST {url}/v1/search -H 'content-type: application/json' "
+                      f"-d '{{\"query\": \"opening hours\", \"k\": 3}}'\n")
+            if generator:
+                tries += (f"  curl -N -X POST '{url}/v1/assist?stream=true' -H 'content-type: application/json' "
+                          f"-d {question}\n")
+        print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n{tries}Ctrl-C stops it.", flush=True)

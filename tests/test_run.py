@@ -79,7 +79,7 @@ def parse_summary(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.integration
-def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tmp_path):
+def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tiny_causal_lm, tmp_path):
     profile = tmp_path / "tiny.yaml"
     profile.write_text(yaml.safe_dump({
         "prepare": {"limit": 64},
@@ -90,6 +90,7 @@ def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tmp_path):
                                 "prune_ffn": [0.0], "recovery_steps": [0], "trim_vocab": [True],
                                 "quantize": ["onnx-int8"]}},
         "smoke": {"requests": 3, "batch_requests": 1},
+        "knowledge": {"generator": str(tiny_causal_lm), "questions": 2, "max_new_tokens": 8},
     }))
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded cluster
@@ -120,6 +121,11 @@ def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tmp_path):
     assert rows["ratio"][4] == f"{metrics['size_reduction']:.2f}x smaller"
     smoke = json.loads((out / "smoke.json").read_text())
     assert smoke["assist_requests"] == 3 and smoke["assist_p50_ms"] > 0 and smoke["raw_texts_per_s"] > 0
+    # The sample's knowledge base was indexed and served: its questions went through the streamed assist path.
+    knowledge = smoke["knowledge"]
+    assert knowledge["questions"] == 2 and len(knowledge["answers"]) == 2
+    assert json.loads((out / "kb" / "index.json").read_text())["calibration"]["answerable"] > 0
+    assert "### Answers from the knowledge base" in report
 
     # The same command again: every stage is complete for unchanged inputs, so only the report is rewritten.
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
