@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import logging
 import random
 import re
 import threading
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jobs.errors import InputError
+
+log = logging.getLogger("slimray.generation")
 
 SYSTEM_PROMPT = ("You are a bank's customer-service assistant. Answer the customer's question using only the "
                  "passages. Reply in one or two short sentences, then give the id of the passage you used in "
@@ -465,9 +468,19 @@ def build_model(model: str, lora_rank: int, lora_alpha: int, ds_config: dict[str
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3:  # zero.Init reads the world size from DeepSpeed's comm: wrap Ray Train's process group first
+        import deepspeed
+        import torch.distributed as dist
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # alive while the model is built (a weak reference)
     lm = load_causal_lm(model)
     del hf_ds
+    if zero3:
+        whole = [n for n, p in lm.named_parameters() if not hasattr(p, "ds_id")]
+        if whole:  # the loader built them outside zero.Init: deepspeed.initialize partitions them later
+            log.warning("%d of %d parameters were built whole (not under zero.Init), e.g. %s", len(whole),
+                        len(list(lm.parameters())), whole[0])
     lm.config.use_cache = False
     if lora_rank:
         from peft import LoraConfig, get_peft_model
