@@ -332,8 +332,8 @@ def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
     if info["task"] == "generation":
         from jobs import generation
 
-        model = generation.build_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, ds_config)
-        tokenizer = generation.load_tokenizer(cfg.model)  # a causal LM's: pad token, chat template
+        model = generation.build_model(info["model_folder"], cfg.lora_rank, cfg.lora_alpha, ds_config)
+        tokenizer = generation.load_tokenizer(info["model_folder"])  # a causal LM's: pad token, chat template
     else:
         model = load_pretrained_for_training(cfg.model, info["labels"], get_task(info["task"]).head)
         tokenizer = load_tokenizer(cfg.model)
@@ -830,16 +830,16 @@ def check_generation_data(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     if not data.exists():
         raise InputError(f"--data {str(cfg.data)!r} does not exist")
     tokenizer = generation.load_tokenizer(cfg.model)  # a bad model fails here, before any worker starts
-    root = Path(storage.local_copy(get_settings().storage_root)) if not storage.is_uri(get_settings().storage_root) \
-        else None
-    if root is None:
+    if storage.is_uri(get_settings().storage_root):
         raise InputError("--task generation needs a local or shared storage root (SLIMRAY_STORAGE_ROOT), not a URI")
+    root = Path(get_settings().storage_root).expanduser().resolve()  # absolute: workers run elsewhere
     folder, found = generation.prepare_records(data, root / "generation_data", tokenizer, cfg.seed)
+    model_folder = generation.plain_folder(cfg.model, root / "models")
     log.info("generation records: %s; max_length %d tokens (the longest record)",
              ", ".join(f"{s} {n}" for s, n in found["rows"].items()), found["max_length"])
     return folder, {"task": "generation", "labels": [], "max_length": found["max_length"],
                     "train_rows": found["train_rows"], "entity_counts": None, "data": str(folder),
-                    "splits": found["splits"]}
+                    "splits": found["splits"], "model_folder": model_folder}
 
 
 def build_trainer(cfg: FinetuneConfig, info: dict[str, Any], ray_storage: str, name: str):
@@ -899,7 +899,7 @@ def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConf
         from jobs import generation
 
         log.info("merging the LoRA adapter into %s", cfg.model)
-        generation.merge_adapter(cfg.model, ckpt / "model", staging)
+        generation.merge_adapter(info["model_folder"], ckpt / "model", staging)
         shutil.copytree(ckpt / "model", staging / "adapter")
     else:
         for f in (ckpt / "model").iterdir():

@@ -490,6 +490,34 @@ def build_model(model: str, lora_rank: int, lora_alpha: int, ds_config: dict[str
     return lm
 
 
+def plain_folder(name_or_path: str, root: Path) -> str:
+    """A Hugging Face folder of the model for the workers to build from: a GGUF model is dequantized once into
+    ``root/<file>-<hash>/`` (safetensors + tokenizer). transformers' GGUF loader builds every parameter whole,
+    outside ``zero.Init``; from a plain folder ZeRO-3 partitions them as they are created. Other models are
+    used as they are."""
+    import hashlib
+
+    source, kwargs = causal_lm_source(name_or_path)
+    if "gguf_file" not in kwargs:
+        return source
+    gguf = Path(source) / kwargs["gguf_file"]
+    digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()
+    folder = root / f"{gguf.stem}-{digest[:12]}"
+    if not (folder / "config.json").is_file():
+        tmp = root / f".{folder.name}.partial-{random.getrandbits(32):08x}"
+        log.info("dequantizing %s once into %s (a folder zero.Init can partition)", gguf.name, folder)
+        lm = load_causal_lm(name_or_path)
+        lm.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(name_or_path).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another run wrote it meanwhile
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path) -> None:
     """Writes the base model with the LoRA adapter merged in, as a plain Hugging Face folder (fp32
     safetensors + tokenizer): what the generator serves, no peft needed to load it."""
