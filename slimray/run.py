@@ -310,10 +310,10 @@ def run_compress(run: Run) -> None:
 
 
 def sample_questions(docs: Path, index: Path, n: int) -> list[str]:
-    """Questions for the knowledge smoke test: the sample's hand-written ones (answerable first, then one the
-    documents do not answer), else one per passage title."""
+    """Questions for the knowledge smoke test: the sample's (``rag/smoke.jsonl``: three about documents the
+    playbook's intents do not cover, one the documents do not answer), else one per passage title."""
     if docs == SAMPLE / "knowledge":
-        rows = [json.loads(line) for line in (SAMPLE / "rag" / "calibration.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (SAMPLE / "rag" / "smoke.jsonl").read_text().splitlines()]
         answerable = [r["question"] for r in rows if r["passage_id"]]
         other = [r["question"] for r in rows if not r["passage_id"]]
         return (answerable[:max(0, n - 1)] + other[:1])[:n]
