@@ -18,12 +18,12 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from serve_app.api import MAX_SEARCH_K
 from serve_app.batcher import Batcher
 
 log = logging.getLogger("slimray.serve")
 
 RETRIEVER, GENERATOR = "Retriever", "Generator"
-MAX_SEARCH_K = 20
 
 
 @dataclass(frozen=True)
