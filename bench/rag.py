@@ -68,16 +68,9 @@ def retrieval(index: KnowledgeIndex, questions: list[dict], calibration: list[di
     }
 
 
-def answer_all(model_name: str, questions: list[dict], passages: list[list[dict]], threads: int) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
-    tokenizer, model = gen.load_tokenizer(model_name), gen.load_causal_lm(model_name)
-    model.eval()
-    t0 = time.perf_counter()
-    seqs = gen.generate(model, tokenizer, [q["question"] for q in questions], passages, max_new_tokens=64,
-                        batch_size=8)
-    wall = time.perf_counter() - t0
+def scored(model_name: str, questions: list[dict], passages: list[list[dict]], seqs: list[gen.Sequence_],
+           wall: float) -> dict:
+    """Each answer's fact match and citation, and the totals."""
     rows = []
     for q, s, ps in zip(questions, seqs, passages):
         cited = gen.citations(s.text)
@@ -89,6 +82,18 @@ def answer_all(model_name: str, questions: list[dict], passages: list[list[dict]
     return {"model": model_name, "fact_match": sum(r["fact_match"] for r in rows) / len(rows),
             "cites_right_passage": sum(r["cites_right_passage"] for r in rows) / len(rows),
             "wall_s": round(wall, 1), "new_tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "answers": rows}
+
+
+def answer_all(model_name: str, questions: list[dict], passages: list[list[dict]], threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    tokenizer, model = gen.load_tokenizer(model_name), gen.load_causal_lm(model_name)
+    model.eval()
+    t0 = time.perf_counter()
+    seqs = gen.generate(model, tokenizer, [q["question"] for q in questions], passages, max_new_tokens=64,
+                        batch_size=8)
+    return scored(model_name, questions, passages, seqs, time.perf_counter() - t0)
 
 
 def finetune(records: Path, out: Path, epochs: float) -> None:

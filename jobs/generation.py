@@ -146,6 +146,8 @@ def causal_lm_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if gguf:
         return gguf[0], {"gguf_file": gguf[1]}
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent.resolve()), {"gguf_file": path.name}
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and ggufs:
@@ -166,6 +168,21 @@ def load_tokenizer(name_or_path: str) -> Any:
     if tok.chat_template is None:
         raise InputError(f"{name_or_path!r} has no chat template: use an instruction-tuned causal LM")
     return tok
+
+
+def torch_dtype(name: str) -> Any:
+    """``fp32``, ``bf16``, or ``auto``: bf16 where the CPU multiplies it natively (AMX or AVX512-BF16), where it
+    measured faster at nearly the same answers (README), else fp32."""
+    import torch
+
+    if name == "auto":
+        cpu = torch.cpu
+        native = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        name = "bf16" if native else "fp32"
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise InputError(f"dtype must be auto, fp32 or bf16, not {name!r}") from None
 
 
 def load_causal_lm(name_or_path: str, dtype: Any = None) -> Any:
@@ -194,7 +211,8 @@ def load_causal_lm(name_or_path: str, dtype: Any = None) -> Any:
 
 @dataclasses.dataclass
 class Sequence_:
-    """One request in a decoding batch."""
+    """One request in a decoding batch: its prompt, limits and what has been decoded so far. Both backends
+    (``decode_batch`` here, ``jobs.llamacpp.Engine``) feed it one token at a time through ``accept``."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -202,8 +220,51 @@ class Sequence_:
     on_text: Callable[[str], None] | None = None  # new text as it is decoded
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop | length | timeout | cancelled
     first_token_s: float | None = None
+    started: float | None = None  # perf_counter when its prompt entered a batch
+
+    def accept(self, token: int, tokenizer: Any, stop: set[int], now: float) -> None:
+        """One decoded token: ends the sequence on a stop token, its token limit or its deadline, else extends
+        its text (streamed whole characters only: a piece ending mid-character waits for the next token)."""
+        if self.first_token_s is None:
+            self.first_token_s = now - (self.started if self.started is not None else now)
+        if token in stop:
+            self.finish_reason = "stop"
+            return
+        self.tokens.append(token)
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.on_text and len(text) > len(self.text) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.text):])
+            self.text = text
+        elif not self.on_text:
+            self.text = text
+        if len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        elif now > self.deadline:
+            self.finish_reason = "timeout"
+
+    def finish(self, tokenizer: Any) -> None:
+        """The final text (and the rest of a sequence that ended on a partial character, streamed)."""
+        final = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if final != self.text and self.on_text:
+            self.on_text(final[len(self.text):] if final.startswith(self.text) else "")
+        self.text = final
+
+    def cancel(self) -> None:
+        """Stops it at the next token (its caller went away)."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: end of sequence and the chat template's end of turn."""
+    ids = set()
+    for t in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        i = tokenizer.convert_tokens_to_ids(t) if t else None
+        if i is not None and (i != tokenizer.unk_token_id or t == tokenizer.unk_token):  # unknown names map to unk
+            ids.add(i)
+    return ids
 
 
 def decode_batch(model: Any, tokenizer: Any, seqs: list[Sequence_], lock: threading.Lock | None = None) -> None:
@@ -212,8 +273,9 @@ def decode_batch(model: Any, tokenizer: Any, seqs: list[Sequence_], lock: thread
     import torch
 
     started = time.perf_counter()
-    eos = {tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>")
-           if t and tokenizer.convert_tokens_to_ids(t) is not None}
+    stop = stop_ids(tokenizer)
+    for s in seqs:
+        s.started = started
     width = max(len(s.prompt) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
@@ -223,40 +285,19 @@ def decode_batch(model: Any, tokenizer: Any, seqs: list[Sequence_], lock: thread
     # transformers 5.x names the KV cache `cache` (`past_key_values` before, deprecated since)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with lock or threading.Lock(), torch.inference_mode():
-        while True:
+        while not all(s.finish_reason for s in seqs):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache})
             cache = getattr(out, key)
             nxt = out.logits[:, -1, :].argmax(-1).tolist()
             now = time.perf_counter()
             for s, tok in zip(seqs, nxt):
-                if s.finish_reason:
-                    continue
-                if s.first_token_s is None:
-                    s.first_token_s = now - started
-                if tok in eos:
-                    s.finish_reason = "stop"
-                    continue
-                s.tokens.append(tok)
-                text = tokenizer.decode(s.tokens, skip_special_tokens=True)
-                if s.on_text and len(text) > len(s.text) and not text.endswith("\ufffd"):
-                    s.on_text(text[len(s.text):])
-                    s.text = text
-                elif not s.on_text:
-                    s.text = text
-                if len(s.tokens) >= s.max_new_tokens:
-                    s.finish_reason = "length"
-                elif now > s.deadline:
-                    s.finish_reason = "timeout"
-            if all(s.finish_reason for s in seqs):
-                break
+                if not s.finish_reason:
+                    s.accept(tok, tokenizer, stop, now)
             ids = torch.tensor([[t] for t in nxt])
             mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype)], dim=1)
             positions = positions[:, -1:] + 1
-    for s in seqs:  # the text of a sequence that ended on a partial character
-        final = tokenizer.decode(s.tokens, skip_special_tokens=True)
-        if final != s.text and s.on_text:
-            s.on_text(final[len(s.text):] if final.startswith(s.text) else "")
-        s.text = final
+    for s in seqs:
+        s.finish(tokenizer)
 
 
 def generate(model: Any, tokenizer: Any, questions: Sequence[str], passages: Sequence[Sequence[dict[str, Any]]],

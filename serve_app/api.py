@@ -25,6 +25,7 @@ details never echo the request's text. Request texts are never logged.
 # locally, not their names.
 import asyncio
 import hmac
+import importlib.resources
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +33,8 @@ from typing import Annotated, Any, Callable, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException
@@ -155,6 +157,8 @@ class Backend(Protocol):
 
     async def trend(self, topic: str, bucket: str) -> list[dict[str, Any]]: ...
 
+    async def topics(self, bucket: str) -> list[dict[str, Any]]: ...
+
     async def search(self, query: str, k: int) -> Search: ...
 
     async def compose(self, question: str, passages: list[dict[str, Any]]) -> dict[str, Any]: ...
@@ -264,6 +268,11 @@ class ObservationsResponse(BaseModel):
     results: list[ObservationResult] = Field(description="One result per item, in order")
 
 
+class Example(BaseModel):
+    id: str
+    text: str
+
+
 class Alert(BaseModel):
     topic: str
     window_start: datetime = Field(description="Start of the window that surged (event time, UTC)")
@@ -273,6 +282,7 @@ class Alert(BaseModel):
     baseline: float = Field(description="The topic's negative share in the windows before it")
     score: float = Field(description="z-score (or ratio) of the window's negative share against the baseline")
     example_ids: list[str] = Field(description="Ids of the window's most confidently negative texts")
+    examples: list[Example] = Field(default_factory=list, description="Those texts, as stored")
 
 
 class AlertsResponse(BaseModel):
@@ -289,6 +299,15 @@ class TrendPoint(BaseModel):
 
 class TrendResponse(BaseModel):
     points: list[TrendPoint] = Field(description="Buckets with texts, oldest first")
+
+
+class TopicSummary(TrendPoint):
+    topic: str
+    start: datetime = Field(description="Start of the topic's latest bucket with texts (UTC)")
+
+
+class TopicsResponse(BaseModel):
+    topics: list[TopicSummary] = Field(description="Every topic with texts, and its latest bucket's sentiment mix")
 
 
 class ErrorDetail(BaseModel):
@@ -413,6 +432,13 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
 def _error(status: int, error: str, details: list[dict[str, str]] | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "details": details or []}, status_code=status, headers=headers)
+
+
+# The page runs only its own script and talks only to this server: an injected <script> or inline handler
+# in a customer message could not run even if it reached the DOM as markup (the page inserts text nodes).
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), api_token: str | None = None,
@@ -572,6 +598,11 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
                          since: AwareDatetime | None = None) -> AlertsResponse:
             return AlertsResponse(alerts=[Alert(**a) for a in await backend.alerts(topic, since)])
 
+        @api.get("/v1/topics", response_model=TopicsResponse, responses={401: errors[401], 422: errors[422]},
+                 dependencies=[Depends(authorized)], summary="Topics with texts and their latest sentiment mix")
+        async def topics(bucket: Literal["5m", "1h", "1d"] = "1h") -> TopicsResponse:
+            return TopicsResponse(topics=[TopicSummary(**t) for t in await backend.topics(bucket)])
+
         @api.get("/v1/topics/{topic}/trend", response_model=TrendResponse,
                  responses={401: errors[401], 422: errors[422]}, dependencies=[Depends(authorized)],
                  summary="A topic's texts per sentiment label and time bucket")
@@ -593,6 +624,15 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
              summary="Model versions, traffic fractions, hand-off calibration, batching and playbook")
     async def models() -> dict[str, Any]:
         return await backend.describe()
+
+    ui = importlib.resources.files("serve_app") / "ui"
+
+    @api.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """The page to try the assistant (serve_app/ui): static, it calls the /v1 routes with the tab's token."""
+        return HTMLResponse((ui / "index.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
+
+    api.mount("/ui", StaticFiles(directory=str(ui)), name="ui")
 
     @api.get("/healthz", summary="Liveness of the ingress")
     async def healthz() -> dict[str, str]:

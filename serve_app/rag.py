@@ -5,9 +5,9 @@ answer from what it finds, each its own deployment in the graph.
 
 ``Retriever.search`` embeds queries in batches (``serve_app.batcher.Batcher``: whatever queued during the
 previous encode) and answers the top ``k`` passages with their cosine scores and the index's calibrated
-no-relevant-passage threshold. ``Generator`` decodes greedily with a token limit and a deadline; requests that
-arrive while a batch decodes form the next batch (static batching: a batch ends when its longest answer
-does), and each request's text streams to its caller as it is decoded.
+no-relevant-passage threshold. ``Generator`` decodes greedily with a token limit and a deadline, on
+transformers (static batching) or llama.cpp (continuous batching); each request's text streams to its caller
+as it is decoded, and a caller that goes away stops its sequence.
 """
 
 import asyncio
@@ -69,28 +69,45 @@ class RetrieverServer:
 
 @dataclass
 class _Request:
-    question: str
-    passages: list[dict[str, Any]]
-    queue: asyncio.Queue  # text pieces, then the final dict
+    seq: Any  # jobs.generation.Sequence_
+    queue: asyncio.Queue  # text pieces, then the final dict (or an exception)
     submitted: float
+    batch: int = 0  # sequences decoding together when it started
 
 
 @serve.deployment(name=GENERATOR)
 class GeneratorServer:
-    """A causal LM (transformers, fp32) answering from passages; batched decoding across requests."""
+    """A causal LM answering from passages, batched across requests.
 
-    def __init__(self, generator_dir: str, threads: int, limits: GenerationLimits):
+    Backends: ``transformers`` (torch, fp32 or bf16; static batching: requests that arrive while a batch decodes form
+    the next one, which starts when the longest answer of the current one ends) and ``llama_cpp`` (a GGUF file,
+    ``jobs.llamacpp.Engine``: continuous batching, a request joins the running batch at the next token).
+    """
+
+    def __init__(self, generator: str, threads: int, limits: GenerationLimits, backend: str = "transformers",
+                 gguf_file: str | None = None, dtype: str = "auto"):
         import threading
 
-        import torch
+        from jobs.generation import load_tokenizer
 
-        from jobs.generation import load_causal_lm, load_tokenizer
+        self.dir, self.limits, self.threads, self.backend = generator, limits, threads, backend
+        self.tokenizer = load_tokenizer(generator)
+        self.engine = self.model = None
+        if backend == "llama_cpp":
+            from jobs.llamacpp import Engine
 
-        torch.set_num_threads(threads)
-        self.dir, self.limits, self.threads = generator_dir, limits, threads
-        self.tokenizer = load_tokenizer(generator_dir)
-        self.model = load_causal_lm(generator_dir)
-        self.model.eval()
+            assert gguf_file, "build_app converts the generator to GGUF first"
+            self.gguf = gguf_file
+            self.engine = Engine(gguf_file, self.tokenizer, slots=limits.max_batch_size, threads=threads)
+        else:
+            import torch
+
+            from jobs.generation import load_causal_lm, torch_dtype
+
+            torch.set_num_threads(threads)
+            self.dtype = torch_dtype(dtype)
+            self.model = load_causal_lm(generator, dtype=self.dtype)
+            self.model.eval()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._pending: list[_Request] = []
         self._arrived = asyncio.Event()
@@ -100,69 +117,119 @@ class GeneratorServer:
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
+            self._worker = asyncio.get_running_loop().create_task(
+                self._continuous() if self.engine is not None else self._static())
 
-    async def _loop(self) -> None:
-        from jobs.generation import Sequence_, decode_batch, prompt_ids
+    async def _next_work(self, busy: bool) -> None:
+        while not self._pending and not busy:
+            self._arrived.clear()
+            await self._arrived.wait()
 
-        loop = asyncio.get_running_loop()
+    def _take(self, n: int) -> list[_Request]:
+        self._pending = [r for r in self._pending if r.seq.finish_reason is None]  # callers that went away
+        taken, self._pending = self._pending[:n], self._pending[n:]
+        return taken
+
+    def _answer(self, r: _Request, ended: float) -> None:
+        s = r.seq
+        started = s.started if s.started is not None else ended
+        r.queue.put_nowait({"text": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens),
+                            "prompt_tokens": len(s.prompt), "replica": self.replica, "batch": r.batch,
+                            "timing": {"queue_ms": (started - r.submitted) * 1000,
+                                       "first_token_ms": (s.first_token_s or 0) * 1000,
+                                       "decode_ms": (ended - started) * 1000}})
+
+    async def _static(self) -> None:
+        from jobs.generation import decode_batch
+
         while True:
-            while not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
-            batch, self._pending = (self._pending[:self.limits.max_batch_size],
-                                    self._pending[self.limits.max_batch_size:])
-            started = time.perf_counter()
-            seqs = []
+            await self._next_work(False)
+            batch = self._take(self.limits.max_batch_size)
+            if not batch:
+                continue
             for r in batch:
-                def push(text: str, q: asyncio.Queue = r.queue) -> None:
-                    loop.call_soon_threadsafe(q.put_nowait, text)
-                seqs.append(Sequence_(prompt_ids(self.tokenizer, r.question, r.passages), self.limits.max_new_tokens,
-                                      r.submitted + self.limits.timeout_s, on_text=push))
+                r.batch = len(batch)
             try:
-                await asyncio.to_thread(decode_batch, self.model, self.tokenizer, seqs, self._lock)
+                await asyncio.to_thread(decode_batch, self.model, self.tokenizer, [r.seq for r in batch], self._lock)
             except Exception as e:  # the callers get the error; the loop goes on
                 for r in batch:
                     r.queue.put_nowait(e)
                 continue
             self.batches += 1
-            decode_ms = (time.perf_counter() - started) * 1000
-            for r, s in zip(batch, seqs):
-                r.queue.put_nowait({"text": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens),
-                                    "prompt_tokens": len(s.prompt), "replica": self.replica, "batch": len(batch),
-                                    "timing": {"queue_ms": (started - r.submitted) * 1000,
-                                               "first_token_ms": (s.first_token_s or 0) * 1000,
-                                               "decode_ms": decode_ms}})
+            ended = time.perf_counter()
+            for r in batch:
+                self._answer(r, ended)
 
-    def _submit(self, question: str, passages: list[dict[str, Any]]) -> asyncio.Queue:
+    async def _continuous(self) -> None:
+        running: dict[int, _Request] = {}
+        while True:
+            await self._next_work(bool(running))
+            joining = self._take(self.engine.capacity)
+            for r in joining:
+                running[id(r.seq)] = r
+            try:
+                ended = await asyncio.to_thread(self.engine.step, [r.seq for r in joining])
+            except Exception as e:  # every sequence in the context is lost with it: fail them all, start afresh
+                for r in running.values():
+                    r.queue.put_nowait(e)
+                running.clear()
+                self.engine.reset()
+                continue
+            self.batches += 1
+            for r in joining:
+                r.batch = len(running)
+            now = time.perf_counter()
+            for s in ended:
+                self._answer(running.pop(id(s)), now)
+
+    def _submit(self, question: str, passages: list[dict[str, Any]]) -> _Request:
+        from jobs.generation import Sequence_, prompt_ids
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        now = time.perf_counter()
+
+        def push(text: str) -> None:  # called from the decoding thread
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        seq = Sequence_(prompt_ids(self.tokenizer, question, passages), self.limits.max_new_tokens,
+                        now + self.limits.timeout_s, on_text=push)
+        if self.engine is not None:
+            self.engine.check(seq)  # a prompt longer than a sequence's context fails here, alone
+        request = _Request(seq, queue, now)
         self._ensure_worker()
-        request = _Request(question, passages, asyncio.Queue(), time.perf_counter())
         self._pending.append(request)
         self._arrived.set()
-        return request.queue
+        return request
 
     async def stream(self, question: str, passages: list[dict[str, Any]]) -> AsyncIterator[Any]:
-        """Text pieces as they are decoded (str), then the final answer (dict: text, finish_reason, timing)."""
-        queue = self._submit(question, passages)
-        while True:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if isinstance(item, dict):
-                return
+        """Text pieces as they are decoded (str), then the final answer (dict: text, finish_reason, timing).
+        A caller that goes away stops its sequence at the next token."""
+        request = self._submit(question, passages)
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if isinstance(item, dict):
+                    return
+        finally:
+            request.seq.cancel()  # no-op once it has ended
 
     async def generate(self, question: str, passages: list[dict[str, Any]]) -> dict[str, Any]:
         """The final answer alone."""
-        queue = self._submit(question, passages)
-        while True:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
+        async for item in self.stream(question, passages):
             if isinstance(item, dict):
                 return item
+        raise RuntimeError("the generator's stream ended without an answer")
 
     def info(self) -> dict[str, Any]:
-        return {"generator": self.dir, "backend": "transformers", "max_new_tokens": self.limits.max_new_tokens,
+        info = {"generator": self.dir, "backend": self.backend, "max_new_tokens": self.limits.max_new_tokens,
                 "timeout_s": self.limits.timeout_s, "max_batch_size": self.limits.max_batch_size,
                 "threads": self.threads, "batches": self.batches}
+        if self.engine is not None:
+            info.update(gguf=self.gguf, batching="continuous")
+        else:
+            info.update(batching="static", dtype=str(self.dtype).removeprefix("torch."))
+        return info

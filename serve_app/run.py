@@ -121,10 +121,12 @@ def app_from_serve_config(path: Path) -> tuple[dict[str, Any], dict[str, dict[st
     return app.model_dump(exclude_unset=True), options
 
 
-# Options of the knowledge deployments when the Serve YAML does not list them (the commented entries there).
-RAG_DEFAULTS: dict[str, dict[str, Any]] = {
+# Options of the deployments that the Serve YAML does not list (its commented entries): without them Serve
+# would give each replica a whole CPU.
+UNLISTED_DEFAULTS: dict[str, dict[str, Any]] = {
     RETRIEVER: {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.2}},
     GENERATOR: {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.5}},
+    MONITOR: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
 }
 
 
@@ -160,7 +162,7 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
     for name in (CANARY, ENTITY, SENTIMENT):  # batched replicas of the same kind: the same options unless listed
         if served[name] and MODEL in entries:
             entries.setdefault(name, {**entries[MODEL], "name": name})
-    for name, options in RAG_DEFAULTS.items():  # not listed in the YAML (Serve rejects unused entries)
+    for name, options in UNLISTED_DEFAULTS.items():  # not listed in the YAML (Serve rejects unused entries)
         if served[name]:
             entries.setdefault(name, {"name": name, **options})
     entries = {name: entry for name, entry in entries.items() if served.get(name, True)}
@@ -229,6 +231,7 @@ def deploy(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "127.0.
     client = serve_start(http_options=http_options, proxy_location=schema.proxy_location)
     client.deploy_apps(schema)
     (app,) = schema.applications
+    _warn_if_it_cannot_fit(app)
     deadline = time.monotonic() + timeout_s
     while (status := serve.status().applications.get(app.name)) is None or status.status != "RUNNING":
         if status is not None and status.status == "DEPLOY_FAILED":
@@ -240,6 +243,28 @@ def deploy(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "127.0.
     url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
     _wait_answering(f"{url}/healthz", deadline)  # direct ingress: the replica's server starts on its own
     return f"http://{host}:{port}"
+
+
+def _warn_if_it_cannot_fit(app: Any) -> None:
+    """Warns when the app's replicas at their minimum ask for more CPUs than the cluster has: they would wait
+    for resources (on an embedded cluster, forever) while deploy waits for them."""
+    import ray
+
+    def value(options: Any, key: str, default: Any) -> Any:
+        found = options.get(key) if isinstance(options, dict) else getattr(options, key, None)
+        return default if found is None or type(found).__name__ == "DEFAULT" else found
+
+    wanted = {}
+    for d in app.deployments:
+        scaling = d.autoscaling_config if type(d.autoscaling_config).__name__ != "DEFAULT" else None
+        replicas = value(scaling, "min_replicas", 1) if scaling else value(d, "num_replicas", 1)
+        wanted[d.name] = (replicas if isinstance(replicas, int) else 1) * float(
+            value(d.ray_actor_options, "num_cpus", 1))
+    have = ray.cluster_resources().get("CPU", 0)
+    if sum(wanted.values()) > have:
+        log.warning("the app's replicas ask for %.1f CPUs (%s) and the cluster has %.1f: some will wait for "
+                    "resources. Lower their ray_actor_options.num_cpus in the Serve config, or add nodes",
+                    sum(wanted.values()), ", ".join(f"{k} {v:g}" for k, v in wanted.items()), have)
 
 
 def _wait_answering(url: str, deadline: float) -> None:
@@ -300,8 +325,8 @@ def main(cfg: ServeConfig) -> None:
         served = " and ".join(f"{what} {folder}" for what, folder in (
             ("intent model", cfg.model), ("entity model", cfg.entity_model),
             ("sentiment monitor", cfg.sentiment_model)) if folder)
-        log.info("serving %s at %s (API docs: %s/docs); Prometheus metrics: Ray's metrics export port %s",
-                 served, url, url, metrics_port())
+        log.info("serving %s at %s (page to try it: %s/ ; API docs: %s/docs); Prometheus metrics: Ray's metrics "
+                 "export port %s", served, url, url, url, metrics_port())
 
 
 def metrics_port() -> int | None:

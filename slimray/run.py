@@ -427,4 +427,5 @@ def keep_serving(chosen: Path, data_dir: Path, port: int, tagging: bool = False,
             if generator:
                 tries += (f"  curl -N -X POST '{url}/v1/assist?stream=true' -H 'content-type: application/json' "
                           f"-d {question}\n")
-        print(f"\nServing {chosen} at {url} (API docs: {url}/docs). Try:\n{tries}Ctrl-C stops it.", flush=True)
+        print(f"\nServing {chosen} at {url}: open {url}/ in a browser to try it (API docs: {url}/docs), or:\n"
+              f"{tries}Ctrl-C stops it.", flush=True)

@@ -16,5 +16,13 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q postgresql >/dev/null; }; } \
     || echo "PostgreSQL could not be installed: the monitor's PostgreSQL tests will fail" >&2
 fi
+# Chromium and its WebDriver for the page's browser test (tests/test_page.py): Debian's packages.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo -n"; fi
+  { $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null \
+         && $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; } \
+    || echo "Chromium could not be installed: the page's browser test will fail" >&2
+fi
 if [ "$(id -u)" = 0 ]; then ns="unshare -n"; else ns="unshare -rn"; fi
 exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest --integration -p no:cacheprovider "$@"' sh "$@"

@@ -375,8 +375,14 @@ def test_assist_streams_tokens_then_the_whole_answer_as_server_sent_events():
 
 
 @pytest.mark.integration
-def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off(ray_session, finetuned,
-                                                                                 tiny_causal_lm, tmp_path):
+@pytest.mark.parametrize("backend", ["transformers", "llama_cpp"])
+def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off(ray_session, finetuned, backend,
+                                                                                 request, tmp_path):
+    if backend == "llama_cpp":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (CI tests the transformers backend)")
+        generator = request.getfixturevalue("tiny_gguf")[0]  # a fine-tune of a GGUF base: converted at deploy
+    else:
+        generator = request.getfixturevalue("tiny_causal_lm")
     import httpx
     from ray import serve
 
@@ -387,8 +393,9 @@ def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off
     index_main(IndexConfig(docs=write_docs(tmp_path / "docs"), out=tmp_path / "kb"))
     playbook = tmp_path / "playbook.yaml"
     playbook.write_text("default: A colleague will reply.\nintents: {}\n")
-    args = AppArgs(model=str(finetuned), index=str(tmp_path / "kb"), generator=str(tiny_causal_lm),
-                   playbook=str(playbook), default_threshold=1.0, max_new_tokens=8)  # every message searches
+    args = AppArgs(model=str(finetuned), index=str(tmp_path / "kb"), generator=str(generator),
+                   generator_backend=backend, playbook=str(playbook), default_threshold=1.0,
+                   max_new_tokens=8)  # every message searches
     try:
         url = deploy(args, port=free_port())
         r = httpx.post(f"{url}/v1/search", json={"query": "how much is a transfer abroad", "k": 2}, timeout=60)
@@ -404,6 +411,7 @@ def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off
         assert r["source"] == "handoff" and r["handoff"]  # nothing relevant in the documents
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert models["knowledge"]["passages"] == 9 and models["generator"]["max_new_tokens"] == 8
+        assert models["generator"]["backend"] == backend
     finally:
         serve.shutdown()
 
@@ -414,3 +422,123 @@ def test_rag_routes_fuzzed_from_the_openapi_schema_never_answer_5xx():
 
     client, _ = _rag_client(confidence=0.2)
     fuzz_openapi(schemathesis.openapi.from_asgi("/openapi.json", client._transport.app), max_examples=150)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The llama.cpp backend: GGUF export (gguf package only) and continuous batching (llama-cpp-python, optional).
+
+
+def tiny_template(folder: Path, out: Path) -> Path:
+    """A GGUF 'base' shaped like the tiny Llama at ``folder``, with SmolLM2's tokenizer metadata (what a real
+    base GGUF gives ``write_gguf``): zero weights, to be replaced."""
+    import gguf
+    import numpy as np
+
+    from jobs.llamacpp import hf_tensors
+
+    config = json.loads((folder / "config.json").read_text())
+    packaged = gen.packaged_gguf("smollm2")
+    smol = gguf.GGUFReader(Path(packaged[0]) / packaged[1])
+    w = gguf.GGUFWriter(out, "llama")
+    for f in smol.fields.values():
+        if f.name.startswith("tokenizer."):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    w.add_vocab_size(config["vocab_size"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    for name, array in hf_tensors(folder).items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.zeros(array.shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_causal_lm, tmp_path_factory):
+    """The tiny Llama as a fine-tune of a GGUF base (its manifest names the template) and as f16 GGUF."""
+    import shutil
+
+    from jobs.llamacpp import gguf_for
+
+    tmp = tmp_path_factory.mktemp("tiny-gguf")
+    folder = tmp / "finetuned"
+    shutil.copytree(tiny_causal_lm, folder)
+    template = tiny_template(folder, tmp / "base.gguf")
+    (folder / "manifest.json").write_text(json.dumps({"base_model_path": str(template)}))
+    return folder, gguf_for(str(folder), tmp / "cache", "f16"), template
+
+
+def test_gguf_export_loads_back_with_the_same_logits_and_is_cached(tiny_gguf, tiny_lm, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jobs.llamacpp import gguf_for, write_gguf
+
+    folder, path, template = tiny_gguf
+    model, tok = tiny_lm
+    back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([gen.prompt_ids(tok, RECORD["question"], RECORD["passages"])])
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, back(input_ids=ids).logits
+    assert torch.allclose(want, got, atol=2e-3, rtol=1e-2)  # q/k permuted back, names mapped; f16 rounding only
+    stamp = path.stat().st_mtime_ns
+    assert gguf_for(str(folder), path.parent, "f16") == path and path.stat().st_mtime_ns == stamp  # cached
+    assert not list(path.parent.glob("*.partial"))
+    config = json.loads((folder / "config.json").read_text())
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    (wider / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(InputError, match="3 layers"):
+        write_gguf(wider, template, tmp_path / "x.gguf")
+    with pytest.raises(InputError, match="base is not a GGUF"):
+        gguf_for(str(tiny_lm_folder(tiny_gguf)), tmp_path, "f16")
+    with pytest.raises(InputError, match="--generator-quant"):
+        gguf_for(str(folder), tmp_path, "q3")
+
+
+def tiny_lm_folder(tiny_gguf) -> Path:
+    """The tiny Llama without its manifest: a folder whose base is unknown."""
+    folder = tiny_gguf[0].parent / "no-manifest"
+    if not folder.exists():
+        import shutil
+
+        shutil.copytree(tiny_gguf[0], folder, ignore=shutil.ignore_patterns("manifest.json"))
+    return folder
+
+
+def test_llama_cpp_engine_batches_continuously_cancels_and_refuses_long_prompts(tiny_gguf, tiny_lm):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (CI tests the transformers backend)")
+    from jobs.llamacpp import Engine
+
+    _, tok = tiny_lm
+    engine = Engine(tiny_gguf[1], tok, slots=2, threads=1, slot_tokens=512)
+    prompts = [gen.prompt_ids(tok, f"question {i}?", RECORD["passages"]) for i in range(4)]
+    pieces: list[str] = []
+    seqs = [gen.Sequence_(p, 6, float("inf"), on_text=pieces.append if i == 0 else None)
+            for i, p in enumerate(prompts)]
+    assert engine.step(seqs[:2]) == [] and engine.capacity == 0
+    with pytest.raises(ValueError, match="slots"):
+        engine.step(seqs[2:3])
+    seqs[1].cancel()  # its caller went away: the next step frees its slot
+    ended = engine.step()
+    assert seqs[1] in ended and engine.capacity == 1
+    engine.step(seqs[2:3])  # joins while seqs[0] is still decoding
+    assert seqs[0].finish_reason is None and seqs[2].first_token_s is not None and len(engine.running) == 2
+    engine.run(seqs[3:])
+    assert engine.capacity == 2 and not engine.running
+    assert all(s.finish_reason in ("stop", "length") and len(s.tokens) <= 6 for s in (seqs[0], seqs[2], seqs[3]))
+    assert "".join(pieces) == seqs[0].text
+    with pytest.raises(InputError, match="context"):
+        engine.check(gen.Sequence_(prompts[0] * 10, 64, float("inf")))
+    engine.close()

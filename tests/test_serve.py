@@ -469,7 +469,8 @@ def test_an_entity_model_gets_the_model_options_and_an_entity_model_alone_no_mod
     assert set(options) == {INGRESS, SENTIMENT, MONITOR}  # the sentiment model is batched like Model
     assert {k: v for k, v in options[SENTIMENT].items() if k != "user_config"} == {
         k: v for k, v in yaml_options[MODEL].items() if k != "user_config"}
-    assert options[MONITOR] == {"user_config": {"min_count": 5}}
+    assert options[MONITOR] == {"user_config": {"min_count": 5}, "num_replicas": 1,
+                                "ray_actor_options": {"num_cpus": 0.1}}  # not a whole CPU by default
     with pytest.raises(ValueError, match="canary_model is a second version of the intent model"):
         AppArgs(entity_model="/m/ner", canary_model="/m/int8")
 
