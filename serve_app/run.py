@@ -325,7 +325,7 @@ def main(cfg: ServeConfig) -> None:
         served = " and ".join(f"{what} {folder}" for what, folder in (
             ("intent model", cfg.model), ("entity model", cfg.entity_model),
             ("sentiment monitor", cfg.sentiment_model)) if folder)
-        log.info("serving %s at %s (page to try it: %s/ ; API docs: %s/docs); Prometheus metrics: Ray's metrics "
+        log.info("serving %s at %s (API docs: %s/docs; a page to try it: %s/); Prometheus metrics: Ray's metrics "
                  "export port %s", served, url, url, url, metrics_port())
 
 
