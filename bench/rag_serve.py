@@ -54,8 +54,9 @@ def in_process(generator: str, questions: list[str], passages: list[list[dict]],
 
         engine = Engine(gguf_for(generator, storage.cache_root() / "gguf", quant), tok, slots=8, threads=threads)
 
-        def decode(seqs: list, batch: int) -> None:
-            engine.run(seqs) if batch > 1 else [engine.run([s]) for s in seqs]
+        def decode(seqs: list, batch: int) -> None:  # 8 at once: each joins as a slot frees (continuous)
+            for group in ([seqs] if batch > 1 else [[s] for s in seqs]):
+                engine.run(group)
     else:
         import torch
 

@@ -230,8 +230,6 @@ class Engine:
         self.batch = self.llama.llama_batch_init(params.n_batch, 0, 1)
         self.free = list(range(slots - 1, -1, -1))
         self.running: dict[int, Sequence_] = {}
-        self.steps = 0
-        self.threads = threads
 
     @property
     def capacity(self) -> int:
@@ -275,7 +273,6 @@ class Engine:
         rc = self.llama.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        self.steps += 1
         now = time.perf_counter()
         for s, row in rows:
             logits = self.np.ctypeslib.as_array(self.llama.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))

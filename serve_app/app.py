@@ -90,7 +90,8 @@ class AppArgs(StrictModel):
     entity_version: str | None = Field(default=None, description="Name of the entity model's version "
                                        "(default: folder name)")
     sentiment_model: str | None = Field(default=None, description="Sentiment classifier's artifact folder: adds "
-                                        "the monitor (/v1/observations, /v1/alerts, /v1/topics, /v1/topics/{topic}/trend)")
+                                        "the monitor (/v1/observations, /v1/alerts, /v1/topics, "
+                                        "/v1/topics/{topic}/trend)")
     sentiment_version: str | None = Field(default=None, description="Name of the sentiment model's version "
                                           "(default: folder name)")
     monitor_store: str | None = Field(default=None, description="The monitor's database URL: sqlite:///FILE or "
@@ -637,9 +638,8 @@ def build_app(args: AppArgs) -> Application:
         gguf_file = None
         if args.generator_backend == "llama_cpp":  # converted here, once: replicas load the cached file
             from cluster import storage
-            from jobs.llamacpp import gguf_for, require_llama_cpp
+            from jobs.llamacpp import gguf_for
 
-            require_llama_cpp()
             gguf_file = str(gguf_for(args.generator, storage.cache_root() / "gguf", args.generator_quant))
         generator = GeneratorServer.bind(args.generator, args.threads, GenerationLimits(
             args.max_new_tokens, args.generation_timeout_s, args.generation_batch_size), args.generator_backend,
