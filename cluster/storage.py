@@ -97,15 +97,22 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
 
 
 def _fail_fast(fs: Any) -> Any:
-    """The same S3 filesystem with one attempt and short timeouts, so that a probe of an unreachable
-    endpoint fails in seconds instead of retrying; other filesystems are returned as they are."""
+    """The same S3 or GCS filesystem with one attempt (S3) or 10 s of retries (GCS) and short timeouts, so
+    that a probe of an unreachable endpoint fails in seconds instead of retrying for minutes (GCS's default
+    is 15); a local filesystem is returned as it is."""
+    import datetime as dt
+
     import pyarrow.fs as pafs
 
-    if not isinstance(fs, pafs.S3FileSystem):
-        return fs
-    options = fs.__reduce__()[1][0]  # the constructor arguments pyarrow pickles the filesystem with
-    options.update(connect_timeout=3, request_timeout=10)
-    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    if isinstance(fs, pafs.S3FileSystem):
+        options = fs.__reduce__()[1][0]  # the constructor arguments pyarrow pickles the filesystem with
+        options.update(connect_timeout=3, request_timeout=10)
+        return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    if isinstance(fs, pafs.GcsFileSystem):
+        options = {k: v for k, v in fs.__reduce__()[1][0].items() if v not in ("", None)}
+        options["retry_time_limit"] = dt.timedelta(seconds=10)
+        return pafs.GcsFileSystem(**options)
+    return fs
 
 
 def _reason(err: BaseException) -> str:
@@ -163,6 +170,7 @@ def read_marker(uri: str) -> dict[str, Any] | None:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
+    fs = _fail_fast(fs)  # a probe: an unreachable endpoint fails in seconds
     try:
         if fs.get_file_info(f"{path}/{MARKER}").type != pafs.FileType.File:
             return None

@@ -58,6 +58,46 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The files a loader reads from a model folder: weights, the model's config and its tokenizer. Their sizes and
+# sha256 go into the artifact's record (``files``), and every load checks them (``verify_files``).
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".pt", ".bin", ".gguf")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the weights, config and tokenizer files at the top of ``folder``."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(Path(folder).iterdir())
+            if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in TOKENIZER_FILES or f.name == "config.json")}
+
+
+def verify_files(folder: Path, records: dict[str, dict[str, Any]], source: str) -> None:
+    """Refuses, naming the file, a recorded file that is missing, of another size (truncated) or whose bytes
+    changed since ``source`` recorded them."""
+    for name, rec in records.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing (listed in {source}); the model folder is incomplete")
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise InputError(f"{path}: {size} bytes, but {source} records {rec['bytes']} (truncated or replaced "
+                             "after it was written)")
+        if file_sha256(path) != rec["sha256"]:
+            raise InputError(f"{path}: sha256 does not match the one {source} records (changed or damaged after "
+                             "it was written)")
+
+
+def read_artifact_json(path: Path) -> Any:
+    """A JSON file of an artifact, or an InputError that names it (unreadable, not UTF-8, not JSON)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a valid JSON file ({type(e).__name__}: {str(e)[:120]})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

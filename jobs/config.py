@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Generic, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema, field_validator
 
 from cluster.storage import StorageError, check_uri, is_uri
 
@@ -53,10 +53,23 @@ Location = Annotated[Path | str, PlainValidator(_location), WithJsonSchema({"typ
 NameOrPath = Annotated[str, _NameOrPath()]
 
 
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are rejected, numbers given as text are accepted."""
+# Counts, sizes and steps beyond this are typing mistakes (``--epochs 1e99``), refused before any work starts.
+MAX_NUMBER = 2**31 - 1
 
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are rejected, numbers given as text are accepted; NaN,
+    infinities and numbers beyond ``MAX_NUMBER`` are refused."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _numbers_in_range(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_NUMBER:
+            raise ValueError(f"out of range (at most {MAX_NUMBER:,})")
+        return value
 
 
 class ConfigError(ValueError):
@@ -199,10 +212,15 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def make_parser(model_cls: type[BaseModel], prog: str, config_flags: bool = True) -> argparse.ArgumentParser:
+def make_parser(model_cls: type[BaseModel], prog: str, config_flags: bool = True,
+                dry_run: bool = False) -> argparse.ArgumentParser:
     """An argparse parser whose arguments and help come from the model's fields and their descriptions."""
     parser = _Parser(prog=prog, description=inspect.cleandoc(model_cls.__doc__ or ""),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="parse and validate the config, open and check the inputs and the output, print "
+                            "what would run, and exit; starts no Ray and writes nothing")
     if config_flags:
         parser.add_argument("--config", type=Path, default=None, help="YAML file holding this command's config")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -244,18 +262,25 @@ class CommandLine(Generic[C]):
     config: C
     # field → how it was given: "--out", "--set out", or "out in --config FILE:" (for error messages)
     sources: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
 
 
-def parse_command_line(model_cls: type[C], argv: list[str] | None, prog: str, config_flags: bool = True) -> CommandLine[C]:
+def parse_command_line(model_cls: type[C], argv: list[str] | None, prog: str, config_flags: bool = True,
+                       dry_run: bool = False) -> CommandLine[C]:
     """Parses and validates one command line; ConfigError (one line per problem) on any mistake."""
-    args = vars(make_parser(model_cls, prog, config_flags).parse_args(argv))
+    args = vars(make_parser(model_cls, prog, config_flags, dry_run).parse_args(argv))
     file, overrides = args.pop("config", None), args.pop("overrides", [])
+    wants_dry_run = bool(args.pop("dry_run", False))
     data: dict[str, Any] = load_yaml(file) if file else {}
     sources = {k: f"{k} in --config {file}:" for k in data}
     for name, value in args.items():
         if value is None:
             continue
         annotation = model_cls.model_fields[name].annotation
+        if isinstance(value, str) and not value.strip():
+            # An empty flag would read as null, i.e. the default (`--epochs ''` would train with chosen epochs)
+            raise ConfigError(f"--{name.replace('_', '-')}: empty value (got {value!r}); leave the flag out for "
+                              "the default")
         if isinstance(value, str):
             set_dotted(data, f"{name}={value}", text=takes_text(annotation))
         else:  # booleans and positional lists arrive typed
@@ -266,7 +291,7 @@ def parse_command_line(model_cls: type[C], argv: list[str] | None, prog: str, co
         field_info = model_cls.model_fields.get(key)
         set_dotted(data, dotted, text=field_info is not None and takes_text(field_info.annotation))
         sources[key.split(".")[0]] = f"--set {key}"
-    return CommandLine(validate(model_cls, data, str(file) if file else None), sources)
+    return CommandLine(validate(model_cls, data, str(file) if file else None), sources, wants_dry_run)
 
 
 def parse_args(model_cls: type[C], argv: list[str] | None, prog: str) -> C:
@@ -281,9 +306,11 @@ def exit_with_error(prog: str, err: Exception, status: int = 2) -> typing.NoRetu
 
 
 def run_cli(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | None = None,
-            prog: str | None = None) -> None:
+            prog: str | None = None, check: Callable[[C], str] | None = None) -> None:
     """Entry point shared by ``python -m <package>.<stage>`` and ``slimray <command>``: parse, validate, run.
 
+    With ``check`` (the stage's own input checks, the ones its ``main`` starts with), the command takes
+    ``--dry-run``: parse, validate, ``check``, print its one-line summary, exit 0, and start nothing.
     Config, input and storage errors print one clear line each and exit with status 2 (no traceback).
     """
     import logging
@@ -293,7 +320,10 @@ def run_cli(model_cls: type[C], main: Callable[[C], Any], argv: list[str] | None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     prog = prog or model_cls.__name__
     try:
-        cfg = parse_args(model_cls, argv, prog)
-        main(cfg)
+        line = parse_command_line(model_cls, argv, prog, dry_run=check is not None)
+        if line.dry_run and check is not None:
+            print(f"{prog}: dry run: config valid, inputs checked; {check(line.config)}; nothing was started")
+            return
+        main(line.config)
     except (ConfigError, InputError, StorageError) as e:
         exit_with_error(prog, e)

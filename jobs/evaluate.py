@@ -84,16 +84,37 @@ def evaluate_tagger(model: Any, data_dir: Path, split: str, batch_size: int, tas
     return metrics, report
 
 
+def check_inputs(cfg: EvaluateConfig) -> tuple[Path, Path, dict[str, Any]]:
+    """The output, the model folder (``check_model_folder``: nothing deserialised yet) and the data's split,
+    checked; returns local copies of the model and data folders and the model's slimray_model.json."""
+    from jobs.modeling import check_model_folder
+
+    if cfg.out is not None and canonical(cfg.out) == canonical(cfg.model):
+        raise InputError("--out must not be the model folder: its metrics.json belongs to the model")
+    if cfg.out is not None:
+        check_can_write(cfg.out, cfg.overwrite)
+    model_dir, data_dir = local_copy(cfg.model), local_copy(cfg.data)
+    if not Path(model_dir).is_dir():
+        raise InputError(f"model folder {str(cfg.model)!r} does not exist")
+    info = check_model_folder(Path(model_dir))
+    load_prepared(Path(data_dir))
+    if not (Path(data_dir) / f"{cfg.split}.parquet").is_file():
+        raise InputError(f"{data_dir} has no {cfg.split}.parquet (split {cfg.split!r})")
+    return Path(model_dir), Path(data_dir), info
+
+
+def dry_run(cfg: EvaluateConfig) -> str:
+    model_dir, data_dir, info = check_inputs(cfg)
+    return f"would evaluate {model_dir} ({info.get('backend', 'torch')}) on {data_dir / (cfg.split + '.parquet')}"
+
+
 def main(cfg: EvaluateConfig) -> dict:
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.out is not None and canonical(cfg.out) == canonical(cfg.model):
-        raise InputError("--out must not be the model folder: its metrics.json belongs to the model")
-    if cfg.out is not None:
-        check_can_write(cfg.out, cfg.overwrite)
-    metrics, report = evaluate(local_copy(cfg.model), local_copy(cfg.data), cfg.split, cfg.batch_size)
+    model_dir, data_dir, _ = check_inputs(cfg)
+    metrics, report = evaluate(model_dir, data_dir, cfg.split, cfg.batch_size)
     print(report)
     if "entity_f1" in metrics:
         print(f"{cfg.split}: entity F1 {metrics['entity_f1']:.4f} (strict {metrics['strict']['entity_f1']:.4f})  "
@@ -110,7 +131,7 @@ def main(cfg: EvaluateConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(EvaluateConfig, main, argv, prog="slimray evaluate")
+    run_cli(EvaluateConfig, main, argv, prog="slimray evaluate", check=dry_run)
 
 
 if __name__ == "__main__":

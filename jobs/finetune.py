@@ -37,7 +37,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cluster import storage
 from cluster.settings import get_settings
-from jobs.artifacts import atomic_dir, check_can_write, file_sha256, manifest, read_json, write_json
+from jobs.artifacts import atomic_dir, check_can_write, file_records, file_sha256, manifest, read_json, write_json
 from jobs.config import Location, NameOrPath, StrictModel, run_cli
 from jobs.errors import InputError
 from jobs.prepare import load_prepared, read_split
@@ -923,28 +923,21 @@ def write_artifact(staging: Path, ckpt: Path, out: Path | str, cfg: FinetuneConf
         labels=info["labels"],
         max_length=cfg.max_length or info["max_length"],
         ray_train_run=name,
+        files=file_records(staging),  # checked at every load (jobs.modeling.check_model_folder)
     ))
     return metrics
 
 
-def main(cfg: FinetuneConfig) -> Path | str:
-    """Checks the inputs, runs (or resumes) the Ray Train run, and writes the model folder at ``cfg.out``."""
-    # torch (through Ray Train's torch integration) is imported before Ray connects. Imported after
-    # connecting, the driver of a Ray job on the 2-node test cluster (tests/test_cluster.py) died with
-    # "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"; the cause inside oneMKL was not found.
-    from ray.train.torch import TorchTrainer  # noqa: F401
-
-    from cluster.ray_env import connect
-
-    started = time.time()
+def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path | str, str, Path, dict[str, Any]]:
+    """Everything checked before Ray starts: the output, the checkpoint storage, the data and the model.
+    Returns the config with its epochs chosen from the data, the output, the Ray Train storage, the local
+    data folder and the data info."""
     out = cfg.out if storage.is_uri(cfg.out) else Path(cfg.out).expanduser().resolve()
     check_can_write(out, cfg.overwrite)
-    settings = get_settings()
     # Ray Train checkpoints straight to the storage root (a shared path or a URI): check it before any work.
-    ray_storage = storage.canonical(storage.join(settings.storage_root, "ray_train"))
+    ray_storage = storage.canonical(storage.join(get_settings().storage_root, "ray_train"))
     storage.check_writable(ray_storage)
     data_dir, info = check_data(cfg)
-    name = run_name(cfg)  # of the config as given: the same command finds its run again
     if cfg.epochs is None and info.get("entity_counts") is not None:
         cfg = cfg.model_copy(update={"epochs": default_tagging_epochs(info["entity_counts"])})
         log.info("epochs: %g, chosen from the data (rarest entity type: %d train entities)", cfg.epochs,
@@ -957,7 +950,31 @@ def main(cfg: FinetuneConfig) -> Path | str:
         cfg = cfg.model_copy(update={"epochs": default_epochs(info["train_rows"], len(info["labels"]))})
         log.info("epochs: %g, chosen from the data (%d train rows, %d labels)", cfg.epochs, info["train_rows"],
                  len(info["labels"]))
+    return cfg, out, ray_storage, data_dir, info
 
+
+def dry_run(cfg: FinetuneConfig) -> str:
+    """``--dry-run``: the checks of ``main``, and what it would run."""
+    cfg, out, ray_storage, _, info = check_inputs(cfg)
+    return (f"would fine-tune {cfg.model} for {info['task']} on {info['train_rows']} train rows for {cfg.epochs:g} "
+            f"epochs{f' (at most {cfg.max_steps} steps)' if cfg.max_steps else ''} with {cfg.workers} workers, "
+            f"ZeRO-{cfg.zero_stage}, checkpoints in {storage.redact(ray_storage)}, model to "
+            f"{storage.redact(out) if storage.is_uri(out) else out}")
+
+
+def main(cfg: FinetuneConfig) -> Path | str:
+    """Checks the inputs, runs (or resumes) the Ray Train run, and writes the model folder at ``cfg.out``."""
+    # torch (through Ray Train's torch integration) is imported before Ray connects. Imported after
+    # connecting, the driver of a Ray job on the 2-node test cluster (tests/test_cluster.py) died with
+    # "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"; the cause inside oneMKL was not found.
+    from ray.train.torch import TorchTrainer  # noqa: F401
+
+    from cluster.ray_env import connect
+
+    started = time.time()
+    name = run_name(cfg)  # of the config as given (before epochs are chosen): the same command finds its run
+    cfg, out, ray_storage, data_dir, info = check_inputs(cfg)
+    settings = get_settings()
     connect(settings)
     trainer = build_trainer(cfg, info, ray_storage, name)
     if not cfg.resume:
@@ -981,7 +998,7 @@ def main(cfg: FinetuneConfig) -> Path | str:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(FinetuneConfig, main, argv, prog="slimray finetune")
+    run_cli(FinetuneConfig, main, argv, prog="slimray finetune", check=dry_run)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jobs.errors import InputError
-from jobs.modeling import load_tokenizer
-
-MODEL_INFO = "slimray_model.json"
+from jobs.modeling import MODEL_INFO, check_model_folder, load_tokenizer, load_weights_error
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -123,7 +121,11 @@ def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = Tru
     if info.get("layer_shapes"):
         apply_layer_shapes(model, info["layer_shapes"])
     if load_weights:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        weights = path / "model.safetensors"
+        try:
+            model.load_state_dict(load_file(weights), strict=True)
+        except Exception as e:  # SafetensorError (damaged), RuntimeError (shapes)
+            raise load_weights_error(weights, e) from None
     return model.eval()
 
 
@@ -148,7 +150,10 @@ def load_torch_int8(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
 
     weights = path / info.get("weights", "model_int8.pt")
     model = quantize_dynamic_int8(build_torch_model(path, info, load_weights=False))
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    except Exception as e:
+        raise load_weights_error(weights, e) from None
     return load_tokenizer(path), torch_forward(model.eval())
 
 
@@ -158,8 +163,11 @@ def load_onnx(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = info.get("threads") or 0  # 0: onnxruntime's default (all cores)
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path / info.get("weights", "model.onnx")), options,
-                                   providers=["CPUExecutionProvider"])
+    weights = path / info.get("weights", "model.onnx")
+    try:
+        session = ort.InferenceSession(str(weights), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's InvalidProtobuf / Fail / NoSuchFile
+        raise load_weights_error(weights, e) from None
     names = [i.name for i in session.get_inputs()]
 
     def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -180,7 +188,7 @@ def load_inference_model(path: str | Path, threads: int | None = None) -> Infere
     path = Path(path).expanduser()
     if not path.is_dir():
         raise InputError(f"model folder {str(path)!r} does not exist")
-    info = json.loads((path / MODEL_INFO).read_text()) if (path / MODEL_INFO).is_file() else {"backend": "torch"}
+    info = check_model_folder(path)
     backend = info.get("backend", "torch")
     if backend not in BACKENDS:
         raise InputError(f"{path}: unknown backend {backend!r} in {MODEL_INFO}; known: {sorted(BACKENDS)}")
@@ -190,7 +198,7 @@ def load_inference_model(path: str | Path, threads: int | None = None) -> Infere
         torch.set_num_threads(threads)
     info["threads"] = threads
     tokenizer, forward = BACKENDS[backend](path, info)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))  # checked by check_model_folder
     id2label = info.get("id2label") or config.get("id2label") or {}
     labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
     max_length = info.get("max_length") or model_max_length(path) or min(

@@ -526,8 +526,19 @@ def main(cfg: IndexConfig) -> Path:
     return out
 
 
+def dry_run(cfg: IndexConfig) -> str:
+    """``--dry-run``: the documents read and split into passages, the calibration file read."""
+    docs = read_documents(cfg.docs.expanduser().resolve(), cfg.max_words)
+    passages = sum(len(ps) for _, ps in docs.values())
+    if not passages:
+        raise InputError(f"--docs {str(cfg.docs)!r}: its documents hold no text")
+    rows = read_jsonl(cfg.calibration, ("question", "passage_id")) if cfg.calibration else []
+    return (f"would index {len(docs)} documents ({passages} passages) with {cfg.encoder} into {cfg.out}"
+            + (f", calibrated on {len(rows)} questions" if rows else ""))
+
+
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(IndexConfig, main, argv, prog="slimray index")
+    run_cli(IndexConfig, main, argv, prog="slimray index", check=dry_run)
 
 
 if __name__ == "__main__":

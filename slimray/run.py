@@ -241,10 +241,9 @@ class Run:
         return get_task(self.stages["prepare"].task).kind == "tagging"
 
 
-def start(cfg: RunConfig) -> Run:
-    """Resolves the source, profile and output folder; records the command in run.json."""
-    from serve_app.run import apply_serve_env
-
+def plan(cfg: RunConfig) -> tuple[Profile, Path, str, Path, dict[str, Any]]:
+    """The profile (and its file), the source, the output folder and every stage's validated config; reads
+    the profile, writes nothing."""
     from jobs.tasks import get_task
 
     profile, profile_path = load_profile(cfg.profile)
@@ -255,10 +254,33 @@ def start(cfg: RunConfig) -> Run:
                               "holds intents")
         profile = profile.model_copy(update={"prepare": {**profile.prepare, "task": cfg.task}})
     source = cfg.data or str(SAMPLE)
+    out = (cfg.out or default_out(source, profile_path)).expanduser().resolve()
+    return profile, profile_path, source, out, stage_configs(profile, source, out, profile_path)
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """``--dry-run``: the profile and every stage's config validated, the source read and its columns found,
+    the base model found; the later stages' inputs are the earlier stages' outputs, so they are not checked."""
+    from jobs.modeling import resolve_model
+    from jobs.prepare import dry_run as prepare_dry_run
+
+    _, profile_path, source, out, stages = plan(cfg)
+    prepare = stages["prepare"]
+    if not (out / "data" / "manifest.json").is_file():  # else the stage is skipped or redone over its own output
+        prepare_dry_run(prepare)
+    resolve_model(stages["finetune"].model)
+    return (f"would run prepare → finetune ({stages['finetune'].model}) → compress ({stages['compress'].trials} "
+            f"trials) → smoke test → report on {source} with profile {profile_path.stem.removeprefix('run_')!r} "
+            f"into {out}")
+
+
+def start(cfg: RunConfig) -> Run:
+    """Resolves the source, profile and output folder; records the command in run.json."""
+    from serve_app.run import apply_serve_env
+
+    profile, profile_path, source, out, stages = plan(cfg)
     if not cfg.data:
         print(f"no --data: using the built-in sample {SAMPLE.relative_to(REPO_ROOT)} (Harbor Lane Bank, offline)")
-    out = (cfg.out or default_out(source, profile_path)).expanduser().resolve()
-    stages = stage_configs(profile, source, out, profile_path)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.fresh:
         (out / "run_state.json").unlink(missing_ok=True)
@@ -390,7 +412,7 @@ def main(cfg: RunConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(RunConfig, main, argv, prog="slimray run")
+    run_cli(RunConfig, main, argv, prog="slimray run", check=dry_run)
 
 
 def read_test_split(data_dir: Path) -> tuple[list[str], list[Any]]:

@@ -25,4 +25,6 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     || echo "Chromium could not be installed: the page's browser test will fail" >&2
 fi
 if [ "$(id -u)" = 0 ]; then ns="unshare -n"; else ns="unshare -rn"; fi
-exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest --integration -p no:cacheprovider "$@"' sh "$@"
+# Two pytest-xdist workers: the Ray tests one after another on one of them (tests/conftest.py groups them), the
+# unit tests on the other meanwhile (the Ray tests spend much of their time waiting on processes starting).
+exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest -n 2 --dist loadgroup --integration -p no:cacheprovider "$@"' sh "$@"

@@ -1,6 +1,7 @@
 """The whole path on a real 2-node cluster (`ray start` head + worker, 2 CPUs each), through the product's own
-commands: `slimray submit` prepare, a 2-worker ZeRO-3 fine-tune with one worker per node (STRICT_SPREAD), a
-2-trial compression search, then `serve deploy` of the chosen model and one request."""
+commands: `slimray submit` prepare, a 2-worker ZeRO-3 fine-tune with one worker per node (STRICT_SPREAD),
+`slimray jobs` status / logs / list on those jobs, a 2-trial compression search, then `serve deploy` of the
+chosen model and one request. (The submit round trip shares this cluster rather than starting its own.)"""
 
 import json
 import subprocess
@@ -42,22 +43,43 @@ def test_two_nodes_prepare_finetune_compress_and_serve(isolated_network, tiny_en
         cluster_nodes = {n["node_id"] for n in cluster.nodes()}
         assert len(cluster_nodes) == 2
 
-        def submit(*args: str, timeout: int) -> str:
-            r = slimray("submit", "--address", cluster.dashboard, *args, env=cluster.env, timeout=timeout)
+        address, env = cluster.dashboard, cluster.env
+
+        def submit(*args: str, timeout: int, cwd=None) -> str:
+            r = slimray("submit", "--address", address, *args, env=env, timeout=timeout, cwd=cwd)
             assert r.returncode == 0, f"{args[0]}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
             return r.stdout
 
-        submit("prepare", "--source", str(SAMPLE), "--out", str(data), "--limit", "64", timeout=300)
+        # prepare, with a relative --out made absolute by --resolve-paths
+        prepare_id = submit("--resolve-paths", "prepare", "--source", str(SAMPLE), "--out", data.name,
+                            "--limit", "64", timeout=300, cwd=tmp_path).splitlines()[0]
+        assert (data / "train.parquet").is_file() and (data / "labels.json").is_file()
         log = submit("finetune", "--data", str(data), "--out", str(ft), "--model", str(tiny_encoder),
                      "--workers", "2", "--zero-stage", "3", "--placement-strategy", "STRICT_SPREAD",
                      "--cpus-per-worker", "1", "--max-steps", "2", "--batch-size", "8", "--log-every", "1",
                      "--set", "deepspeed.stage3_param_persistence_threshold=0", timeout=900)
-        assert "step 2/2" in log
+        assert "step 2/2" in log  # followed as it ran
+        finetune_id = log.splitlines()[0]
         metrics = json.loads((ft / "metrics.json").read_text())
         per_rank = metrics["distributed"]["per_rank"]
         assert sorted(r["rank"] for r in per_rank) == [0, 1]
         assert {r["node_id"] for r in per_rank} == cluster_nodes  # one training worker on each node
         assert (tmp_path / "storage" / "ray_train").is_dir()  # the job got the storage setting
+
+        # `slimray jobs` against the same head: status, logs, list; a wrong token and an unknown job refused
+        r = slimray("jobs", "status", finetune_id, "--address", address, env=env)
+        assert r.returncode == 0 and r.stdout.startswith(f"{finetune_id}: SUCCEEDED")
+        r = slimray("jobs", "logs", finetune_id, "--address", address, env=env)
+        assert r.returncode == 0 and "step 1/2" in r.stdout and "step 2/2" in r.stdout
+        r = slimray("jobs", "list", "--address", address, env=env)
+        assert r.returncode == 0 and prepare_id in r.stdout and f"{finetune_id}  SUCCEEDED" in r.stdout
+        r = slimray("jobs", "status", finetune_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": "garbage"})
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip() == (f"slimray jobs status: error: the Ray cluster at {address} rejected the auth "
+                                    "token from RAY_AUTH_TOKEN: set it to the cluster's token; `ray get-auth-token` "
+                                    "on the head node prints it")
+        r = slimray("jobs", "logs", "slimray-nope", "--address", address, env=env)
+        assert r.returncode == 2 and "no job 'slimray-nope'" in r.stderr
 
         submit("compress", "--model", str(ft), "--data", str(data), "--out", str(compress), "--trials", "2",
                "--train-limit", "64", "--max-accuracy-drop", "100", "--no-asha", "--trial-cpus", "1",

@@ -459,24 +459,6 @@ def test_compress_refuses_unlabelled_text_for_a_tagger_and_a_mismatched_model(ti
         check_inputs(CompressConfig(model=tmp_path / "tagger", data=sample_data, out=tmp_path / "o"))
 
 
-@pytest.mark.integration
-def test_the_search_compresses_a_fine_tuned_tagger_on_entity_f1(ray_session, finetuned_tagger, tagged_data, tmp_path):
-    out = tmp_path / "compress"
-    main(CompressConfig(model=finetuned_tagger, data=tagged_data, out=out, trials=2, max_accuracy_drop=100,
-                        latency_texts=32, search={**FAST_SPACE, "distill_layers": [0, 1]},
-                        initial_points=[{**POINT, "distill_layers": 0, "trim_vocab": False},  # ONNX int8 alone
-                                        {**POINT, "hidden_weight": 1.0}]))
-    metrics = json.loads((out / "chosen" / "metrics.json").read_text())
-    assert metrics["metric"] == "entity_f1" and "accuracy" not in metrics
-    for key in ("entity_f1", "macro_f1", "entity_f1_drop_pts", "speedup_b1", "size_reduction"):
-        assert isinstance(metrics[key], float), key
-    assert metrics["trials"] == {"finished": 2, "total": 2}
-    report = (out / "report.md").read_text()
-    assert "val entity F1" in report and "validation entity F1 within" in report and "distil 1L" in report
-    chosen = load_inference_model(out / "chosen")
-    assert chosen.kind == "tagging" and chosen.labels == json.loads((tagged_data / "labels.json").read_text())
-
-
 def test_a_taggers_first_distillations_keep_the_whole_vocabulary():
     classifier = default_points(SearchSpace(), depth=6)
     tagger = default_points(SearchSpace(), depth=6, tagger=True)

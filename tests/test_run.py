@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from jobs.config import ConfigError
+from jobs.inference import load_inference_model
 from raycluster import free_port  # tests/raycluster.py
 from slimray.report import SUMMARY_COLUMNS
 from slimray.run import RunState, load_profile, run_or_skip, stage_configs
@@ -166,8 +167,16 @@ def test_the_pipeline_for_an_entity_tagger(isolated_network, tiny_encoder, tmp_p
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
+    # The search ran on entity F1 (the tagger's metric wherever a classifier's is accuracy).
     metrics = json.loads((out / "compress/chosen/metrics.json").read_text())
-    assert metrics["metric"] == "entity_f1" and json.loads((out / "data/manifest.json").read_text())["task"] == "ner"
+    assert metrics["metric"] == "entity_f1" and "accuracy" not in metrics
+    for key in ("entity_f1", "macro_f1", "entity_f1_drop_pts", "speedup_b1", "size_reduction"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["trials"] == {"finished": 2, "total": 2}
+    labels = json.loads((out / "data/labels.json").read_text())
+    chosen = load_inference_model(out / "compress/chosen")
+    assert chosen.kind == "tagging" and chosen.labels == labels
+    assert json.loads((out / "data/manifest.json").read_text())["task"] == "ner"
     smoke = json.loads((out / "smoke.json").read_text())
     assert smoke["entities_requests"] == 3 and smoke["texts_checked"] == 3 + smoke["entities_batch_size"]
     assert smoke["served_agreement"] == 1.0 and smoke["entities_found"] > 0

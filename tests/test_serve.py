@@ -475,10 +475,13 @@ def test_an_entity_model_gets_the_model_options_and_an_entity_model_alone_no_mod
         AppArgs(entity_model="/m/ner", canary_model="/m/int8")
 
 
-def _fake_model(folder: Path, architecture: str, labels: list[str]) -> Path:
+def _fake_model(folder: Path, architecture: str = "BertForSequenceClassification",
+                labels: tuple[str, ...] = ("a", "b")) -> Path:
+    """A folder that passes the checks made before Serve starts (config.json, a vocabulary), without weights."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"architectures": [architecture],
                                                     "id2label": dict(enumerate(labels))}))
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     return folder
 
 
@@ -519,7 +522,7 @@ def test_resolve_paths_names_missing_folders_and_clashing_versions(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     for folder in ("ft", "other/ft"):
-        (tmp_path / folder).mkdir(parents=True)
+        _fake_model(tmp_path / folder)
     with pytest.raises(InputError, match="primary model folder 'nope' does not exist"):
         resolve_paths(AppArgs(model="nope"))
     with pytest.raises(InputError, match="canary model folder 'nope' does not exist"):

@@ -1,5 +1,6 @@
 """`slimray submit` / `slimray jobs`: the path rule, the runtime env, the address and token, the error lines
-(against Ray's real client: a closed port and a tiny HTTP server), and one run on a real `ray start` head."""
+(against Ray's real client: a closed port and a tiny HTTP server). The round trip on a real `ray start` cluster
+is in tests/test_cluster.py."""
 
 import contextlib
 import http.server
@@ -10,7 +11,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from cluster.settings import Settings
 from jobs.config import as_arguments, location_fields, parse_args, parse_command_line
 from jobs.finetune import FinetuneConfig
 from jobs.prepare import PrepareConfig
-from raycluster import free_port, ray_cluster, slimray  # tests/raycluster.py
+from raycluster import free_port, slimray  # tests/raycluster.py
 from serve_app.run import ServeConfig
 from slimray.cli import STAGES
 
@@ -283,52 +283,3 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     r = slimray("submit", "finetune", "--help", env=env)
     assert r.returncode == 0 and "--zero-stage" in r.stdout
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A real head started with `ray start`, stopped by pid.
-
-
-@pytest.fixture
-def ray_head(isolated_network, tmp_path):
-    """A one-node cluster from `ray start --head` with token auth: (dashboard URL, client environment)."""
-    with ray_cluster(nodes=1, env={"SLIMRAY_STORAGE_ROOT": str(tmp_path / "storage")}) as cluster:
-        yield cluster.dashboard, cluster.env
-
-
-@pytest.mark.integration
-def test_submit_prepare_and_finetune_to_a_real_head(ray_head, tiny_encoder, tmp_path):
-    address, env = ray_head
-    t0 = time.monotonic()
-    # prepare, with a relative --out made absolute by --resolve-paths
-    r = slimray("submit", "--address", address, "--resolve-paths", "prepare", "--source", str(SAMPLE),
-                "--out", "data", "--limit", "48", env=env, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    prepare_id = r.stdout.splitlines()[0]
-    assert (tmp_path / "data" / "train.parquet").is_file() and (tmp_path / "data" / "labels.json").is_file()
-
-    r = slimray("submit", "--address", address, "finetune", "--data", str(tmp_path / "data"),
-                "--out", str(tmp_path / "ft"), "--model", str(tiny_encoder), "--workers", "1", "--zero-stage", "0",
-                "--max-steps", "2", "--batch-size", "8", "--log-every", "1", env=env, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    finetune_id = r.stdout.splitlines()[0]
-    assert "step 2/2" in r.stdout  # followed as it ran
-    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert "accuracy" in metrics and (tmp_path / "ft" / "model.safetensors").is_file()
-
-    r = slimray("jobs", "status", finetune_id, "--address", address, env=env)
-    assert r.returncode == 0 and r.stdout.startswith(f"{finetune_id}: SUCCEEDED")
-    r = slimray("jobs", "logs", finetune_id, "--address", address, env=env)
-    assert r.returncode == 0 and "step 1/2" in r.stdout and "step 2/2" in r.stdout
-    r = slimray("jobs", "list", "--address", address, env=env)
-    assert r.returncode == 0 and prepare_id in r.stdout and finetune_id in r.stdout
-    assert f"{finetune_id}  SUCCEEDED" in r.stdout
-
-    r = slimray("jobs", "status", finetune_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": "garbage"})
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"slimray jobs status: error: the Ray cluster at {address} rejected the auth token "
-                                "from RAY_AUTH_TOKEN: set it to the cluster's token; `ray get-auth-token` on the "
-                                "head node prints it")
-    r = slimray("jobs", "logs", "slimray-nope", "--address", address, env=env)
-    assert r.returncode == 2 and "no job 'slimray-nope'" in r.stderr
-    print(f"submit round trip: {time.monotonic() - t0:.0f} s")

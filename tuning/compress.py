@@ -702,8 +702,21 @@ def main(cfg: CompressConfig) -> Path | str:
     return output.chosen if output.remote else output.work / "chosen"
 
 
+def dry_run(cfg: CompressConfig) -> str:
+    """``--dry-run``: the output, the model and data (``check_inputs``) and --unlabelled, as ``main`` checks
+    them before the search."""
+    from tuning.transfer import read_unlabelled
+
+    output = open_output(cfg)
+    unlabelled = read_unlabelled(cfg.unlabelled) if cfg.unlabelled is not None else []
+    data_manifest, base = check_inputs(cfg)
+    return (f"would search {cfg.trials} trials compressing {cfg.model} ({base.kind}, {len(base.labels)} labels) "
+            f"for {data_manifest['task']}{f' with {len(unlabelled)} unlabelled texts' if unlabelled else ''}, "
+            f"at most {cfg.max_accuracy_drop:g} points below it, into {storage.redact(str(output.dest))}")
+
+
 def cli(argv: list[str] | None = None) -> None:
-    run_cli(CompressConfig, main, argv, prog="slimray compress")
+    run_cli(CompressConfig, main, argv, prog="slimray compress", check=dry_run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jobs.artifacts import write_json
+from jobs.artifacts import file_records, write_json
 from jobs.batching import length_grouped_batches, token_lengths
 from jobs.inference import MODEL_INFO, quantize_dynamic_int8, torch_forward
 from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
@@ -610,5 +610,6 @@ def save_candidate(cand: Candidate, out: Path, max_length: int) -> Path:
     else:  # ONNX: the graph (fused or not) and its quantization go into the info (tuning/onnx_export.py)
         config.save_pretrained(out)
         info.update(write_onnx(model, cand.tokenizer, out, cand.int8_backend))
+    info["files"] = file_records(out)  # checked at every load (jobs.modeling.check_model_folder)
     write_json(out / MODEL_INFO, info)
     return out / info["weights"]
