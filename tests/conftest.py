@@ -26,11 +26,6 @@ def pytest_collection_modifyitems(config, items):
         # Fast unit tests first, so that a broken build fails in seconds, not after the Ray tests. No test
         # depends on this order: none touches process-wide Ray state that a running driver needs.
         items.sort(key=lambda item: "integration" in item.keywords)
-        # Under pytest-xdist (`-n 2 --dist loadgroup`, as tests/run.sh runs them) the Ray tests stay together on
-        # one worker, one after another, as without it; the unit tests run on the other worker meanwhile.
-        for item in items:
-            if "integration" in item.keywords:
-                item.add_marker(pytest.mark.xdist_group("ray"))
         return
     skip = pytest.mark.skip(reason="integration test: run with --integration (bash tests/run.sh)")
     for item in items:

@@ -8,6 +8,12 @@ bash scripts/setup.sh
 ckv="$HOME/.cache/slimray/checkov"
 [ -x "$ckv/bin/checkov" ] || { python3 -m venv "$ckv" && "$ckv/bin/pip" install -q checkov==3.3.30; } \
   || echo "checkov could not be installed: its test will be skipped" >&2
+# pip-audit over the pinned dependencies (its own venv, like checkov): fails on a known vulnerability that has a
+# fixed release; the summary line says how many packages the vulnerability service could audit.
+pa="$HOME/.cache/slimray/pip-audit"
+[ -x "$pa/bin/pip-audit" ] || { python3 -m venv "$pa" && "$pa/bin/pip" install -q pip-audit==2.10.1; } \
+  || echo "pip-audit could not be installed: the dependencies are not audited" >&2
+if [ -x "$pa/bin/pip-audit" ]; then python3 scripts/audit.py "$pa/bin/pip-audit"; fi
 # PostgreSQL for the monitor store's tests (Debian's package; each test session starts its own server on a
 # Unix socket in a temporary folder, so the package's own cluster is never used).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
@@ -25,6 +31,5 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     || echo "Chromium could not be installed: the page's browser test will fail" >&2
 fi
 if [ "$(id -u)" = 0 ]; then ns="unshare -n"; else ns="unshare -rn"; fi
-# Two pytest-xdist workers: the Ray tests one after another on one of them (tests/conftest.py groups them), the
-# unit tests on the other meanwhile (the Ray tests spend much of their time waiting on processes starting).
-exec $ns sh -c 'ip link set lo up && exec .venv/bin/python -m pytest -n 2 --dist loadgroup --integration -p no:cacheprovider "$@"' sh "$@"
+# tests/pytest.sh brings up loopback in the namespace and runs the unit and the Ray tests side by side.
+exec $ns sh tests/pytest.sh "$@"

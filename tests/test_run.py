@@ -128,6 +128,16 @@ def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tiny_causa
     assert json.loads((out / "kb" / "index.json").read_text())["calibration"]["answerable"] > 0
     assert "### Answers from the knowledge base" in report
 
+    # No customer text reaches the logs at INFO (the driver's output carries the Ray workers' and replicas' too):
+    # training, the search and serving log counts and figures, never a text of the data.
+    import pyarrow.parquet as pq
+
+    logged = first.stdout + first.stderr
+    texts = {t for split in ("train", "validation", "test")
+             for t in pq.read_table(out / "data" / f"{split}.parquet").column("text").to_pylist() if len(t) >= 12}
+    leaked = sorted(t for t in texts if t in logged)
+    assert not leaked, f"{len(leaked)} data texts in the run's output, e.g. {leaked[:3]}"
+
     # The same command again: every stage is complete for unchanged inputs, so only the report is rewritten.
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
