@@ -953,10 +953,24 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path | str, str, 
     return cfg, out, ray_storage, data_dir, info
 
 
+def resumable_step(ray_storage: str, name: str) -> int | None:
+    """The step of the latest checkpoint Ray Train registered for run ``name``, if it has one."""
+    fs, root = storage.filesystem(ray_storage)
+    try:
+        with fs.open_input_stream(f"{root}/{name}/checkpoint_manager_snapshot.json") as f:
+            latest = json.loads(f.read().decode("utf-8")).get("latest_checkpoint_result")
+        return int(latest["metrics"]["step"]) if latest else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def dry_run(cfg: FinetuneConfig) -> str:
-    """``--dry-run``: the checks of ``main``, and what it would run."""
+    """``--dry-run``: the checks of ``main``, and what it would run (or resume)."""
+    name = run_name(cfg)
     cfg, out, ray_storage, _, info = check_inputs(cfg)
-    return (f"would fine-tune {cfg.model} for {info['task']} on {info['train_rows']} train rows for {cfg.epochs:g} "
+    step = resumable_step(ray_storage, name) if cfg.resume else None
+    return (f"would {f'resume run {name} from its step-{step} checkpoint, ' if step else ''}fine-tune {cfg.model} "
+            f"for {info['task']} on {info['train_rows']} train rows for {cfg.epochs:g} "
             f"epochs{f' (at most {cfg.max_steps} steps)' if cfg.max_steps else ''} with {cfg.workers} workers, "
             f"ZeRO-{cfg.zero_stage}, checkpoints in {storage.redact(ray_storage)}, model to "
             f"{storage.redact(out) if storage.is_uri(out) else out}")

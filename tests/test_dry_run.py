@@ -182,3 +182,24 @@ def test_fuzzed_flags_and_config_files_end_in_exit_0_or_one_error_per_line(stage
     check()
     assert seen[0] and seen[2], seen  # both outcomes reached: the values got past the parser
     assert not (folder / "out").exists()
+
+
+def test_a_finetune_dry_run_says_which_checkpoint_the_same_command_resumes(sample_data, tiny_classifier, tmp_path,
+                                                                          monkeypatch, capsys):
+    import json
+
+    from jobs.config import parse_args
+    from jobs.finetune import FinetuneConfig, run_name
+
+    monkeypatch.setenv("SLIMRAY_STORAGE_ROOT", str(tmp_path / "storage"))
+    argv = ["--data", str(sample_data), "--out", str(tmp_path / "ft"), "--model", str(tiny_classifier)]
+    status, stdout, _ = run("finetune", [*argv, "--dry-run"], capsys)
+    assert status == 0 and "resume" not in stdout
+    run_dir = tmp_path / "storage" / "ray_train" / run_name(parse_args(FinetuneConfig, argv, "x"))
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"metrics": {"step": 40, "epoch": 1}}}))
+    status, stdout, _ = run("finetune", [*argv, "--dry-run"], capsys)
+    assert status == 0 and f"would resume run {run_dir.name} from its step-40 checkpoint" in stdout, stdout
+    status, stdout, _ = run("finetune", [*argv, "--no-resume", "--dry-run"], capsys)
+    assert status == 0 and "resume" not in stdout
