@@ -61,8 +61,10 @@ def file_sha256(path: Path) -> str:
 # The files a loader reads from a model folder: weights, the model's config and its tokenizer. Their sizes and
 # sha256 go into the artifact's record (``files``), and every load checks them (``verify_files``).
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".pt", ".bin", ".gguf")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                   "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# Files that hold a tokenizer's vocabulary (a tokenizer_config.json alone does not), then its other files.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                    "vocab.json")
+TOKENIZER_FILES = VOCABULARY_FILES + ("merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:

@@ -102,15 +102,17 @@ def torch_forward(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     return forward
 
 
-def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = True) -> Any:
+def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = True,
+                      checked: bool = False) -> Any:
     """The fp32 PyTorch model of an artifact: a plain HF folder, or one with pruned per-layer shapes.
 
-    ``load_weights=False`` builds the skeleton only (for int8 artifacts, whose weights load after quantizing).
+    ``load_weights=False`` builds the skeleton only (for int8 artifacts, whose weights load after quantizing);
+    ``checked``: the caller already ran ``check_model_folder`` (``load_inference_model`` does).
     """
     if load_weights and not info.get("layer_shapes"):
         from jobs.modeling import load_classifier
 
-        return load_classifier(path)[0]
+        return load_classifier(path, checked=checked)[0]
     import transformers
     from safetensors.torch import load_file
 
@@ -130,7 +132,7 @@ def build_torch_model(path: Path, info: dict[str, Any], load_weights: bool = Tru
 
 
 def load_torch(path: Path, info: dict[str, Any]) -> tuple[Any, Callable]:
-    return load_tokenizer(path), torch_forward(build_torch_model(path, info))
+    return load_tokenizer(path), torch_forward(build_torch_model(path, info, checked=True))
 
 
 def quantize_dynamic_int8(model: Any) -> Any:

