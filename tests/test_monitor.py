@@ -198,9 +198,10 @@ LIVE_RULE = AlertRule(window_s=3600, baseline_windows=3, min_count=5, threshold=
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_the_served_monitor_scores_stores_and_alerts_and_a_restart_loses_nothing(backend, ray_session,
-                                                                                   tiny_sentiment, tmp_path, request):
+def test_the_served_monitor_scores_stores_and_alerts_and_a_restart_loses_nothing(ray_session, tiny_sentiment, postgres):
+    """On PostgreSQL, the store a deployment with several replicas would use. The deployment's code is the same
+    for SQLite (the embedded default): the store's unit tests run on both, and the Ray Data ingest below runs
+    on SQLite."""
     import httpx
     from ray import serve
 
@@ -208,8 +209,7 @@ def test_the_served_monitor_scores_stores_and_alerts_and_a_restart_loses_nothing
     from serve_app.app import AppArgs
     from serve_app.run import deploy
 
-    url = (f"sqlite:///{tmp_path / 'monitor.db'}" if backend == "sqlite"
-           else request.getfixturevalue("postgres").create_database(f"served_{uuid.uuid4().hex[:8]}"))
+    url = postgres.create_database(f"served_{uuid.uuid4().hex[:8]}")
     args = AppArgs(sentiment_model=str(tiny_sentiment), monitor_store=url, alerting=LIVE_RULE)
     port = free_port()
     items = _news("acme", range(3), "positive", 8, 0) + _news("acme", range(3, 4), "negative", 8, 100)

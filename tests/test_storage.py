@@ -320,17 +320,23 @@ def s3_with_keys(s3):
 
 
 @pytest.mark.integration
-def test_finetune_reads_data_and_checkpoints_in_s3(s3_with_keys, ray_session, sample_data, tiny_encoder, monkeypatch):
-    """Data, output and Ray Train's checkpoints all in the bucket; nothing on the driver's disk but caches."""
+def test_finetune_then_compress_with_data_checkpoints_and_models_in_s3(s3_with_keys, ray_session, ray_workers_cache,
+                                                                       sample_data, tiny_encoder, monkeypatch):
+    """Data, output and Ray Train's checkpoints all in the bucket, nothing on the driver's disk but caches; then
+    the search on that model: Tune keeps its state in the bucket, trials upload their candidates there, chosen/
+    gets its marker."""
     import pyarrow.fs as pafs
+
+    from jobs.finetune import FinetuneConfig, run_name
+    from jobs.finetune import main as finetune
+    from tuning.compress import CompressConfig
+    from tuning.compress import main as compress
 
     storage.upload_dir(sample_data, s3_with_keys("data"))
     monkeypatch.setenv("SLIMRAY_STORAGE_ROOT", s3_with_keys("runs"))
-    from jobs.finetune import FinetuneConfig, main, run_name
-
     cfg = FinetuneConfig(data=s3_with_keys("data"), out=s3_with_keys("ft"), model=str(tiny_encoder), workers=2,
                          zero_stage=2, max_steps=2, batch_size=16, checkpoint_every=1, log_every=1)
-    assert main(cfg) == s3_with_keys("ft")
+    assert finetune(cfg) == s3_with_keys("ft")
 
     local = storage.download_dir(s3_with_keys("ft"))
     metrics = json.loads((local / "metrics.json").read_text())
@@ -341,34 +347,22 @@ def test_finetune_reads_data_and_checkpoints_in_s3(s3_with_keys, ray_session, sa
     saved = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert any("/checkpoint_" in p for p in saved), saved[:20]
 
-
-@pytest.mark.integration
-def test_compress_with_model_data_and_output_in_s3(s3_with_keys, ray_session, ray_workers_cache, sample_data,
-                                                   tiny_encoder, tmp_path):
-    """Tune keeps its state in the bucket, trials upload their candidates there, chosen/ gets its marker."""
-    import pyarrow.fs as pafs
-
-    from tuning.compress import CompressConfig, main
-
-    labels = json.loads((sample_data / "labels.json").read_text())
-    storage.upload_dir(_untrained_classifier(tiny_encoder, labels, tmp_path / "model"), s3_with_keys("model"))
-    storage.upload_dir(sample_data, s3_with_keys("data"))
     point = {"distill_layers": 0, "distill_epochs": 1, "temperature": 2.0, "alpha": 0.5, "lr": 3e-4,
              "prune_heads": 0.0, "prune_ffn": 0.0, "importance": "taylor", "recovery_steps": 0,
              "trim_vocab": False, "quantize": "torch-int8"}
-    cfg = CompressConfig(model=s3_with_keys("model"), data=s3_with_keys("data"), out=s3_with_keys("compress"),
-                         trials=1, train_limit=100, max_accuracy_drop=100, initial_points=[point],
-                         search={"distill_epochs": [1]})
+    search = CompressConfig(model=s3_with_keys("ft"), data=s3_with_keys("data"), out=s3_with_keys("compress"),
+                            trials=1, train_limit=100, max_accuracy_drop=100, initial_points=[point],
+                            search={"distill_epochs": [1]})
     try:
-        assert main(cfg) == storage.join(s3_with_keys("compress"), "chosen")
+        assert compress(search) == storage.join(s3_with_keys("compress"), "chosen")
     finally:
-        for uri in (cfg.model, cfg.data, storage.join(cfg.out, "inputs")):  # the trials' copies
+        for uri in (search.model, search.data, storage.join(search.out, "inputs")):  # the trials' copies
             storage.evict(uri, ray_workers_cache)
 
     chosen = storage.download_dir(storage.join(s3_with_keys("compress"), "chosen"))
     metrics = json.loads((chosen / "metrics.json").read_text())
     assert metrics["trials"] == {"finished": 1, "total": 1} and metrics["backend"] == "torch-int8"
-    assert json.loads((chosen / "manifest.json").read_text())["parent"] == s3_with_keys("model")
+    assert json.loads((chosen / "manifest.json").read_text())["parent"] == s3_with_keys("ft")
     fs, root = storage.filesystem(s3_with_keys("compress"))
     saved = {i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))}
     assert {"report.md", "pareto.png", "compress_config.json", "inputs/_SUCCESS"} <= saved, sorted(saved)
