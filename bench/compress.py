@@ -7,8 +7,8 @@ entity tagger with --model/--data), side by side in one run.
 A tagger's score is entity F1 (seqeval's default mode) wherever a classifier's is accuracy.
 
 Every model goes through the same protocol (tuning.measure: test texts, tokenization excluded, padding to the
-longest, warm-up, median of repeats, batch 1 and 32; size = weight-file bytes), one after another, at 1 and
-at 2 threads:
+longest, warm-up, batch 1 and 32; size = weight-file bytes), at 1 and at 2 threads; latency in interleaved
+rounds, every model timed once per round, the median over rounds (tuning.measure.latency_side_by_side):
 - the fine-tuned fp32 teacher;
 - the two one-step baselines a user gets without slimray: ONNX Runtime dynamic int8 of the plain export,
   and the stronger one, ONNX Runtime's transformer optimizer (attention / LayerNorm / GELU fusion) then
@@ -48,7 +48,7 @@ from jobs.modeling import load_tokenizer  # noqa: E402
 from jobs.prepare import read_split  # noqa: E402
 from tuning.compress import CompressConfig, eval_rows, train_rows  # noqa: E402
 from tuning.compress import main as compress  # noqa: E402
-from tuning.measure import measure  # noqa: E402
+from tuning.measure import latency_side_by_side, measure  # noqa: E402
 from tuning.methods import Candidate, Context, run_pipeline, save_candidate  # noqa: E402
 from tuning.report import METRIC_WORDS, describe_pipeline  # noqa: E402
 
@@ -127,9 +127,10 @@ def search_config(args: argparse.Namespace) -> CompressConfig:
 def measure_all(dirs: dict[str, Path], latency_texts: list[str], test: tuple[list, list]) -> dict[str, dict]:
     rows = {}
     for name, d in dirs.items():
-        rows[name] = measure(d, latency_texts, 1, {"test": test})
-        two = measure(d, latency_texts, 2)
-        rows[name].update(latency_ms_b1_2t=two["latency_ms_b1"], latency_ms_b32_2t=two["latency_ms_b32"])
+        rows[name] = measure(d, latency_texts, 1, {"test": test}, timed=False)
+    for threads, suffix in ((1, ""), (2, "_2t")):  # every model in each round, so that drift hits all alike
+        for name, lat in latency_side_by_side(dirs, latency_texts, threads).items():
+            rows[name].update({f"{key}{suffix}": value for key, value in lat.items()})
     return rows
 
 
@@ -175,7 +176,7 @@ def main() -> None:
     # 1. The search (writes OUT/chosen, report.md, pareto.png; resumes an interrupted search).
     compress(cfg)
     trials = read_json(args.out / "trials.json")["trials"]
-    # 2. The baselines and each method alone; 3. every model under the same protocol, one after another.
+    # 2. The baselines and each method alone; 3. every model under the same protocol, side by side.
     dirs = {BASE: args.model, **build_alone(args, args.skip_alone), CHOSEN: args.out / "chosen"}
     for r in trials:
         if r["status"] == "finished":

@@ -213,6 +213,30 @@ def test_the_fused_onnx_graph_agrees_with_the_unfused_one(tiny_classifier, sampl
                                          f"{clear.sum()} clear decisions ({agree.mean():.1%} of all {len(every)})")
 
 
+def test_latency_side_by_side_times_every_model_in_every_round(tiny_classifier, sample_data, tmp_path, monkeypatch):
+    import tuning.measure as measure_module
+
+    ctx = context(sample_data)
+    save_candidate(quantize(candidate(tiny_classifier), ctx, backend="onnx-int8"), tmp_path / "int8", 64)
+    visits = []
+    real_pass = measure_module._pass_ms
+
+    def counted(model, batches):
+        visits.append((model, len(batches[0]["input_ids"])))
+        return real_pass(model, batches)
+
+    monkeypatch.setattr(measure_module, "_pass_ms", counted)
+    texts = ctx.val_texts[:64]
+    lat = measure_module.latency_side_by_side({"fp32": tiny_classifier, "int8": tmp_path / "int8"}, texts, rounds=3)
+    assert set(lat) == {"fp32", "int8"}
+    assert all(v["latency_ms_b1"] > 0 and v["latency_ms_b32"] > 0 for v in lat.values())
+    models = [m for m, _ in visits]
+    assert len(visits) == 3 * 2 * 2 and len(set(map(id, models))) == 2  # each model loaded once, timed every round
+    assert [size for _, size in visits[:2]] == [1, 32]  # batch 1, then batch 32
+    order = [models[i] for i in range(0, len(models), 2)]
+    assert order[0] is order[3] and order[1] is order[2] and order[0] is not order[1]  # reversed in odd rounds
+
+
 def row(tid, acc, f1, lat, size):
     return {"trial_id": tid, "val_accuracy": acc, "val_macro_f1": f1, "latency_ms_b1": lat, "size_mb": size}
 

@@ -11,8 +11,9 @@ macro-F1 (the ``val_accuracy`` / ``val_macro_f1`` keys of the search hold the ta
 which), per-token KD, and no transfer set. Optuna's
 multi-objective sampler proposes the next trials; ASHA stops distillations that fall behind after an epoch
 (a trial stopped early never enters the Pareto front). Afterwards every finished candidate and the base
-model are measured again, one after another, under the same protocol (``tuning.measure``), so the
-comparison is not disturbed by trials running side by side. Output: ``OUT/chosen/`` (artifact, manifest,
+model are measured again under the same protocol (``tuning.measure``; latency in interleaved rounds, every
+model in each), so the comparison is disturbed neither by trials running side by side nor by a change in the
+machine's speed while one model is timed. Output: ``OUT/chosen/`` (artifact, manifest,
 metrics.json), ``OUT/report.md`` and ``OUT/pareto.png``. Re-running the same command resumes an
 interrupted search.
 """
@@ -604,12 +605,21 @@ def collect_trials(grid: Any) -> list[dict[str, Any]]:
 
 
 def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads: int) -> dict[str, Any]:
-    """Measures every finished candidate (in place) and the base model one after another; returns the base's."""
-    from tuning.measure import measure
+    """Measures every finished candidate (in place) and the base model: scores one after another, latency side by
+    side (``tuning.measure.latency_side_by_side``: the choice must not depend on when each was timed); returns
+    the base's."""
+    from tuning.measure import latency_side_by_side, measure
 
-    base = measure(inputs.model_dir, inputs.latency_texts, threads, {"val": inputs.val, "test": inputs.test})
+    base = measure(inputs.model_dir, inputs.latency_texts, threads, {"val": inputs.val, "test": inputs.test},
+                   timed=False)
+    dirs = {"base": inputs.model_dir}
     for r in finished:
-        r.update(measure(local_copy(r["artifact"]), inputs.latency_texts, threads, {"val": inputs.val}))
+        dirs[r["trial_id"]] = local_copy(r["artifact"])
+        r.update(measure(dirs[r["trial_id"]], inputs.latency_texts, threads, {"val": inputs.val}, timed=False))
+    latency = latency_side_by_side(dirs, inputs.latency_texts, threads)
+    base.update(latency.pop("base"))
+    for r in finished:
+        r.update(latency[r["trial_id"]])
     return base
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,22 +29,51 @@ def weight_bytes(model_dir: Path) -> int:
     return sum((Path(model_dir) / f).stat().st_size for f in WEIGHT_FILES if (Path(model_dir) / f).is_file())
 
 
+def _batches(model: InferenceModel, texts: Sequence[str], batch_size: int, max_batches: int) -> list[Any]:
+    batches = [model.encode(texts[i:i + batch_size]) for i in range(0, len(texts) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"need at least {batch_size} texts to time batch {batch_size}, got {len(texts)}")
+    return batches[:max_batches]
+
+
+def _pass_ms(model: InferenceModel, batches: list[Any]) -> float:
+    t0 = time.perf_counter()
+    for batch in batches:
+        model.forward(batch)
+    return 1000 * (time.perf_counter() - t0) / len(batches)
+
+
 def latency_ms(model: InferenceModel, texts: Sequence[str], batch_size: int, warmup: int = 3,
                repeats: int = 5, max_batches: int = 20) -> float:
     """Median milliseconds per batch of ``batch_size`` over repeated passes through pre-tokenized batches."""
-    batches = [model.encode(texts[i:i + batch_size]) for i in range(0, len(texts) - batch_size + 1, batch_size)]
-    batches = batches[:max_batches]
-    if not batches:
-        raise ValueError(f"need at least {batch_size} texts to time batch {batch_size}, got {len(texts)}")
+    batches = _batches(model, texts, batch_size, max_batches)
     for _ in range(warmup):
         model.forward(batches[0])
-    per_pass = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for batch in batches:
-            model.forward(batch)
-        per_pass.append((time.perf_counter() - t0) / len(batches))
-    return 1000 * statistics.median(per_pass)
+    return statistics.median(_pass_ms(model, batches) for _ in range(repeats))
+
+
+def latency_side_by_side(model_dirs: Mapping[str, Path | str], texts: Sequence[str], threads: int = 1,
+                         rounds: int = 15, warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Batch-1 and batch-32 latency of several artifacts measured side by side: each is loaded once, then every
+    round times one pass of each (batch 1: up to 50 batches, batch 32: up to 4), visiting them in order in even
+    rounds and in reverse in odd ones; each figure is the median over rounds. A change in the machine's speed
+    while they are measured (another process, a neighbour on the host) then lands on every model alike,
+    instead of on whichever was being timed: measured one after another, two copies of the same ONNX file
+    once differed by 1.5x here. Every model is in memory at once."""
+    models = {name: load_inference_model(Path(d), threads=threads) for name, d in model_dirs.items()}
+    batches = {name: {bs: _batches(m, texts, bs, 50 if bs == 1 else 4) for bs in (1, 32)} for name, m in models.items()}
+    for name, m in models.items():
+        for _ in range(warmup):
+            m.forward(batches[name][1][0])
+            m.forward(batches[name][32][0])
+    samples: dict[str, dict[int, list[float]]] = {name: {1: [], 32: []} for name in models}
+    names = list(models)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for bs in (1, 32):
+                samples[name][bs].append(_pass_ms(models[name], batches[name][bs]))
+    return {name: {"latency_ms_b1": statistics.median(s[1]), "latency_ms_b32": statistics.median(s[32])}
+            for name, s in samples.items()}
 
 
 def metric_name(model: InferenceModel) -> str:
@@ -67,16 +96,18 @@ def accuracy_f1(model: InferenceModel, texts: Sequence[Any], labels: Sequence[An
 
 def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,
             eval_sets: dict[str, tuple[Sequence[str], Sequence[str]]] | None = None,
-            repeats: int = 5) -> dict[str, Any]:
-    """Accuracy/macro-F1 on each eval set, batch-1 and batch-32 latency, and size of one artifact."""
+            repeats: int = 5, timed: bool = True) -> dict[str, Any]:
+    """Accuracy/macro-F1 on each eval set, batch-1 and batch-32 latency (unless not ``timed``: for models whose
+    latency ``latency_side_by_side`` measures), and size of one artifact."""
     model = load_inference_model(model_dir, threads=threads)
     out: dict[str, Any] = {
-        "latency_ms_b1": latency_ms(model, latency_texts, 1, repeats=repeats),
-        "latency_ms_b32": latency_ms(model, latency_texts, 32, repeats=repeats, max_batches=4),
         "size_mb": weight_bytes(model_dir) / 1e6,
         "backend": model.backend,
         "metric": metric_name(model),
     }
+    if timed:
+        out["latency_ms_b1"] = latency_ms(model, latency_texts, 1, repeats=repeats)
+        out["latency_ms_b32"] = latency_ms(model, latency_texts, 32, repeats=repeats, max_batches=4)
     for name, (texts, labels) in (eval_sets or {}).items():
         scores = accuracy_f1(model, texts, labels)
         out[f"{name}_accuracy"], out[f"{name}_macro_f1"] = scores["accuracy"], scores["macro_f1"]

@@ -176,8 +176,8 @@ def write_report(out: Path, trials: list[dict[str, Any]], base: dict[str, Any], 
         f"Model `{cfg.model}`, data `{cfg.data}`; {len(trials)} trials ({len(finished)} finished). "
         f"Constraint: validation {score} within {cfg.max_accuracy_drop} points of the base model, {macro} within "
         f"{2 * cfg.max_accuracy_drop} points. Latency: median of repeated passes, {cfg.threads} thread(s), "
-        "tokenization excluded, padding to the longest text in each batch, measured one model after another "
-        "after the search.",
+        "tokenization excluded, padding to the longest text in each batch, measured after the search in "
+        "interleaved rounds (every model in each round; the median over rounds).",
         "",
         *_transfer_section(out / "inputs" / "transfer.json"),
         *_chosen_section(chosen, metrics),
