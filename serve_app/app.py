@@ -134,6 +134,9 @@ class AppArgs(StrictModel):
     max_top_k: int = Field(default=5, ge=1, description="Largest top_k a request may ask for")
     retries: int = Field(default=3, ge=0, description="Retries of a model call whose replica died (requests "
                          "are idempotent)")
+    model_timeout_s: float = Field(default=8.0, gt=0, le=600, description="A model call (retries included) "
+                                   "that has no answer after this many seconds is cancelled and answered with 503 "
+                                   "and Retry-After: a slow or stuck replica never makes a request hang")
     routing: RoutingKnobs = Field(default_factory=RoutingKnobs, description="Initial ingress knobs "
                                   "(a user_config in the Serve YAML replaces them)")
     batching: BatchKnobs = Field(default_factory=BatchKnobs, description="Initial knobs of every model "
@@ -271,15 +274,23 @@ class SentimentServer(BatchedModel):
         return [(str(self.labels[k]), float(probs[i, k])) for i, k in enumerate(best)]
 
 
+@dataclass(frozen=True)
+class CallPolicy:
+    """How the ingress and the monitor call a model deployment: retries of a dead replica, and a deadline."""
+
+    retries: int = 3
+    timeout_s: float = 8.0
+
+
 @serve.deployment(name=MONITOR)
 class MonitorServer:
     """The news-sentiment monitor: scores observations with the sentiment model and keeps them, and the alerts
     they raise, in the store (``jobs.monitor``). Replicas share nothing but the store."""
 
-    def __init__(self, sentiment: DeploymentHandle, version: Version, store_url: str, retries: int):
+    def __init__(self, sentiment: DeploymentHandle, version: Version, store_url: str, policy: CallPolicy):
         from jobs.monitor import MonitorStore
 
-        self.sentiment, self.version, self.retries = sentiment, version, retries
+        self.sentiment, self.version, self.policy = sentiment, version, policy
         self.store = MonitorStore.open(store_url)
         self.rule = AlertRule()
 
@@ -297,7 +308,7 @@ class MonitorServer:
         from jobs.monitor import Observation
 
         scores, _, _ = await _call_with_retries(self.sentiment, "score", self.version.version,
-                                                [it["text"] for it in items], self.retries)
+                                                [it["text"] for it in items], self.policy)
         arrival = datetime.now(timezone.utc)
         observations = [Observation(id=it["id"], topic=it["topic"], text=it["text"], time=it["time"] or arrival,
                                     label=label, score=score, model_version=self.version.version,
@@ -332,23 +343,61 @@ class MonitorServer:
 
 
 async def _call_with_retries(handle: DeploymentHandle, method: str, version: str, texts: list[str],
-                             retries: int) -> Any:
-    """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent)."""
+                             policy: CallPolicy) -> Any:
+    """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent).
+
+    Raises ``ModelUnavailable`` (answered with 503 and Retry-After) when the retries are spent, when the
+    deployment's queue is full (Serve's ``max_queued_requests``: load is shed, not queued without bound), or when
+    no answer came within ``policy.timeout_s`` (the call is then cancelled)."""
     import ray.exceptions
+    from ray.serve.exceptions import BackPressureError
 
     error: Exception | None = None
-    for attempt in range(retries + 1):
+    deadline = time.monotonic() + policy.timeout_s
+    for attempt in range(policy.retries + 1):
+        t0 = time.perf_counter()
+        response = getattr(handle, method).remote(texts)
         try:
-            t0 = time.perf_counter()
-            rows, replica, timing = await getattr(handle, method).remote(texts)
-            # what the handle call cost beyond the replica's own time: routing, both ways of gRPC, pickling
-            timing["hop_ms"] = (time.perf_counter() - t0) * 1000 - timing["model_ms"]
-            return rows, replica, timing
+            rows, replica, timing = await asyncio.wait_for(response, max(0.0, deadline - time.monotonic()))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             error = e
             log.warning("model %s replica failed (attempt %d): %s", version, attempt + 1, type(e).__name__)
-            await asyncio.sleep(0.1 * 2 ** attempt)
+            await asyncio.sleep(min(0.1 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
+            continue
+        except TimeoutError:
+            response.cancel()
+            raise ModelUnavailable(f"{version}: no answer within {policy.timeout_s:g} s") from None
+        except BackPressureError:
+            raise ModelUnavailable(f"{version}: overloaded (its request queue is full)") from None
+        # what the handle call cost beyond the replica's own time: routing, both ways of gRPC, pickling
+        timing["hop_ms"] = (time.perf_counter() - t0) * 1000 - timing["model_ms"]
+        return rows, replica, timing
     raise ModelUnavailable(f"{version}: {type(error).__name__}")
+
+
+def rebindable_direct_ingress() -> bool:
+    """Makes this replica's direct-ingress HTTP server bind its port with SO_REUSEADDR, as uvicorn and every other
+    HTTP server do; returns whether it patched (once per process).
+
+    Ray 2.60 binds the direct-ingress port without it (``replica.py``: ``enable_so_reuseport=False``). After an
+    ingress replica dies, its connections linger on the port (FIN_WAIT / TIME_WAIT, up to a minute), so its
+    replacement's bind fails, Serve marks the port "blocked" for good, and with the one port `slimray serve`
+    gives it the endpoint never answers again (found by ``bench/chaos.py``: the ingress replica SIGKILLed under
+    load). Called in the ingress replica before Serve starts its server; Serve's own option sets
+    SO_REUSEADDR and SO_REUSEPORT, and a port is handed to one replica at a time (``direct_ingress_env``)."""
+    from ray.serve._private import replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "rebindable", False):
+        return False
+
+    async def start_asgi_http_server(app: Any, http_options: Any, *, event_loop: Any,
+                                     enable_so_reuseport: bool = False) -> Any:
+        return await original(app, http_options, event_loop=event_loop, enable_so_reuseport=True)
+
+    start_asgi_http_server.rebindable = True  # type: ignore[attr-defined]
+    replica.start_asgi_http_server = start_asgi_http_server
+    return True
 
 
 @serve.deployment(name=INGRESS)
@@ -358,14 +407,15 @@ class Ingress:
 
     def __init__(self, primary: DeploymentHandle | None, canary: DeploymentHandle | None, versions: list[Version],
                  entity: DeploymentHandle | None, entity_version: Version | None, playbook: Playbook,
-                 playbook_source: str, limits: Limits, retries: int, api_token: str | None,
+                 playbook_source: str, limits: Limits, policy: CallPolicy, api_token: str | None,
                  monitor: DeploymentHandle | None = None, sentiment_version: Version | None = None,
                  local_model: bool = False, threads: int = 1, retriever: DeploymentHandle | None = None,
                  generator: DeploymentHandle | None = None):
         from ray.serve.metrics import Counter
 
+        rebindable_direct_ingress()  # before Serve starts this replica's direct-ingress server (if it has one)
         self.handles = [h for h in (primary, canary) if h is not None]
-        self.versions, self.retries = versions, retries
+        self.versions, self.policy = versions, policy
         self.entity, self.entity_version = entity, entity_version
         self.monitor, self.sentiment_version = monitor, sentiment_version
         self.retriever, self.generator = retriever, generator
@@ -406,7 +456,7 @@ class Ingress:
         return version.threshold if override is None else override
 
     async def _call(self, handle: DeploymentHandle, method: str, version: str, texts: list[str]) -> Any:
-        return await _call_with_retries(handle, method, version, texts, self.retries)
+        return await _call_with_retries(handle, method, version, texts, self.policy)
 
     async def classify(self, texts: list[str]) -> Classification:
         """Backend.classify: picks the version (canary split), calls it, retries if its replica died."""
@@ -627,13 +677,14 @@ def build_app(args: AppArgs) -> Application:
               for name, version in zip((MODEL, CANARY), versions)]
     tagger = EntityServer.options(user_config=knobs).bind(entity, args.threads) if entity else None
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_top_k=args.max_top_k)
+    policy = CallPolicy(args.retries, args.model_timeout_s)
     secret = args.api_token or get_settings().api_token  # read where Serve builds the app: on the cluster
     token = (secret.get_secret_value() if secret else "") or None  # empty: no auth (not an empty password)
     monitor = None
     if sentiment is not None:
         scorer = SentimentServer.options(user_config=knobs).bind(sentiment, args.threads)
         monitor = MonitorServer.options(user_config=args.alerting.model_dump()).bind(
-            scorer, sentiment, args.monitor_store, args.retries)
+            scorer, sentiment, args.monitor_store, policy)
     retriever = RetrieverServer.bind(args.index, args.threads) if args.index else None
     generator = None
     if args.generator:
@@ -648,5 +699,5 @@ def build_app(args: AppArgs) -> Application:
             gguf_file, args.generator_dtype)
     return Ingress.options(user_config=args.routing.model_dump()).bind(
         models[0] if models else None, models[1] if len(models) > 1 else None, versions, tagger, entity,
-        playbook, playbook_source, limits, args.retries, token, monitor, sentiment, args.local_model, args.threads,
+        playbook, playbook_source, limits, policy, token, monitor, sentiment, args.local_model, args.threads,
         retriever, generator)

@@ -401,6 +401,77 @@ def test_serve_config_yaml_validates_against_serve_schema_and_our_models():
     batch = BatchKnobs.model_validate(model.user_config).max_batch_size
     assert model.max_ongoing_requests >= batch, "a replica must accept enough requests for a batch to fill"
     assert model.autoscaling_config["look_back_period_s"] > 10, "must exceed the 10 s metrics push interval"
+    ingress = next(d for d in app.deployments if d.name == INGRESS)
+    for d in (ingress, model):  # load beyond these is shed with 503, never queued without bound
+        assert 0 < d.max_queued_requests, f"{d.name} needs max_queued_requests"
+    assert ingress.backpressure_config.retry_after_s and ingress.backpressure_config.status_code == 503
+
+
+class _Response:
+    """What ``handle.method.remote()`` returns: awaitable, cancellable."""
+
+    def __init__(self, outcome, delay_s=0.0):
+        self.outcome, self.delay_s, self.cancelled = outcome, delay_s, False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        await asyncio.sleep(self.delay_s)
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+class _Handle:
+    """A deployment handle whose calls answer, in turn, with ``outcomes`` ((value or exception, delay_s))."""
+
+    def __init__(self, *outcomes):
+        self.outcomes, self.responses = list(outcomes), []
+
+    @property
+    def score(self):
+        return self
+
+    def remote(self, texts):
+        self.responses.append(_Response(*self.outcomes.pop(0)))
+        return self.responses[-1]
+
+
+def test_a_model_call_retries_a_dead_replica_and_answers_503_when_slow_or_overloaded():
+    import ray.exceptions
+    from ray.serve.exceptions import BackPressureError
+
+    from serve_app.api import ModelUnavailable
+    from serve_app.app import CallPolicy, _call_with_retries
+
+    answer = (["row"], "replica-2", {"model_ms": 1.0})
+    dead = ray.exceptions.ActorUnavailableError("replica died", None)
+    handle = _Handle((dead, 0.0), (answer, 0.0))
+    rows, replica, timing = _run(_call_with_retries(handle, "score", "v1", ["t"], CallPolicy(retries=1)))
+    assert (rows, replica) == (["row"], "replica-2") and "hop_ms" in timing and len(handle.responses) == 2
+
+    # A replica that does not answer in time: the call is cancelled, and the request gets 503 in bounded time.
+    handle = _Handle((answer, 30.0))
+    t0 = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="no answer within 0.2 s"):
+        _run(_call_with_retries(handle, "score", "v1", ["t"], CallPolicy(retries=3, timeout_s=0.2)))
+    assert time.monotonic() - t0 < 10 and handle.responses[0].cancelled
+
+    # A full queue sheds the request at once (no retry: retrying would only add load).
+    handle = _Handle((BackPressureError(num_queued_requests=9, max_queued_requests=8), 0.0), (answer, 0.0))
+    with pytest.raises(ModelUnavailable, match="overloaded"):
+        _run(_call_with_retries(handle, "score", "v1", ["t"], CallPolicy()))
+    assert len(handle.responses) == 1
+
+    # Replicas that stay dead: the retries are spent, then 503.
+    handle = _Handle(*[(dead, 0.0)] * 3)
+    with pytest.raises(ModelUnavailable, match="ActorUnavailableError"):
+        _run(_call_with_retries(handle, "score", "v1", ["t"], CallPolicy(retries=2)))
+    assert len(handle.responses) == 3
 
 
 def test_serve_stage_flags_and_cli_registration(tmp_path):
@@ -609,6 +680,26 @@ def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetune
         # direct ingress: the ingress replica itself listens on the port, so no proxy hop
         assert f"Started HTTP server on port {port}" in log.read_text()
         assert parse_server_timing(r.headers["server-timing"]).keys() >= {"ingress", "hop", "forward", "batch"}
+        # The ingress replica SIGKILLed while a client holds a keep-alive connection: the dead server's side of
+        # it lingers on the port (FIN_WAIT), and the replacement must still bind it (serve_app.app.
+        # rebindable_direct_ingress), or the endpoint is gone for good.
+        import psutil
+
+        with httpx.Client(headers=auth, timeout=30) as held:
+            assert held.get(url + "/v1/models").status_code == 200
+            (ingress,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                          if "ServeReplica:slimray:Ingress" in " ".join(p.cmdline())]
+            ingress.kill()
+            ingress.wait(30)
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if httpx.get(url + "/v1/models", headers=auth, timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the ingress did not come back:\n" + log.read_text()[-3000:]
+                time.sleep(0.5)
         before_stop = len(log.read_text())
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
