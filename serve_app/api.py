@@ -24,6 +24,7 @@ details never echo the request's text. Request texts are never logged.
 # No `from __future__ import annotations`: FastAPI must see the request classes that make_api defines
 # locally, not their names.
 import asyncio
+import functools
 import hmac
 import importlib.resources
 import time
@@ -128,6 +129,45 @@ class IngressTiming:
             await send(message)
 
         await self.app(scope, receive, timed_send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit_for(path)`` bytes is answered with 413 before it is read
+    (by its Content-Length) or as soon as a streamed one passes the limit, so an oversized body costs neither the
+    memory to hold it nor the time to parse it. The limits are those of the largest valid request (``body_limit``)."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str], int]):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = _error(413, f"request body of {int(length)} bytes is over the limit of {limit}")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def body_limit(limits: Limits, path: str) -> int:
+    """The largest body a valid request to ``path`` can have, in bytes: every character escaped in JSON (6 bytes
+    each, as in \\u00e9) plus room for the keys; the monitor's batch of observations has its own."""
+    if path.startswith("/v1/observations"):
+        chars = MAX_OBSERVATIONS * (MAX_OBSERVATION_CHARS + 3 * 200 + 64)
+    else:
+        chars = limits.max_texts * limits.max_chars + limits.max_slots * 200 + 4096
+    return 6 * chars + 65536
 
 
 @dataclass(frozen=True)
@@ -461,10 +501,12 @@ def make_api(backend: Backend, playbook: Playbook, limits: Limits = Limits(), ap
     ClassifyRequest, AssistRequest, EntitiesRequest = request_models(limits)
     errors = {code: {"model": ErrorResponse, "description": text} for code, text in [
         (400, "Body that is not UTF-8 JSON"), (401, "Missing or wrong bearer token"),
+        (413, "Body larger than the largest valid request"),
         (422, "Invalid request: the details name each bad field"), (503, "No model replica could answer")]}
     api = FastAPI(title="slimray assistant", version="1",
                   description="Intent classification, entity tagging and assistant replies, served by Ray Serve.")
     api.add_middleware(IngressTiming)
+    api.add_middleware(BodyLimit, limit_for=functools.partial(body_limit, limits))
     bearer = HTTPBearer(auto_error=False, description="Needed when the server has an API token")
 
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

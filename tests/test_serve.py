@@ -338,6 +338,33 @@ def test_api_rejects_malformed_bodies(content, content_type, status, message):
     _run(go())
 
 
+def test_api_refuses_a_body_larger_than_any_valid_request_with_413_without_reading_it():
+    from serve_app.api import body_limit
+
+    limits = Limits(max_texts=4, max_chars=50, max_top_k=3)
+    limit = body_limit(limits, "/v1/classify")
+    largest = json.dumps({"texts": ["\u00e9" * 50] * 4, "top_k": 3}, ensure_ascii=True).encode()
+    assert len(largest) < limit < 10_000_000
+
+    async def go():
+        client, backend, _ = _client(limits=limits)
+        async with client:
+            r = await client.post("/v1/classify", content=largest, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+            big = b'{"texts": ["' + b"a" * (limit + 1) + b'"]}'
+            r = await client.post("/v1/classify", content=big, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and f"over the limit of {limit}" in r.json()["error"]
+
+            async def streamed():  # no Content-Length: counted as it arrives
+                for _ in range(limit // 65536 + 2):
+                    yield b" " * 65536
+            r = await client.post("/v1/classify", content=streamed(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.headers["content-type"] == "application/json", r.text
+        assert len(backend.calls) == 1
+    _run(go())
+    assert body_limit(limits, "/v1/observations") > body_limit(Limits(), "/v1/classify") > limit
+
+
 def test_api_token_is_required_when_set():
     async def go():
         client, backend, _ = _client(token="s3cret")
