@@ -321,18 +321,22 @@ def test_a_killed_search_with_a_failing_trial_resumes_and_writes_the_choice(isol
 def test_first_points_stay_inside_a_restricted_space():
     space = SearchSpace(distill_layers=[2, 3], prune_heads=[0.5], prune_ffn=[0.0, 0.5], recovery_steps=[200],
                         trim_vocab=[True], quantize=["torch-int8"])
-    for point in default_points(space, depth=6):
-        assert point["distill_layers"] in [2, 3] and point["prune_heads"] == 0.5 and point["prune_ffn"] == 0.0
-        assert point["recovery_steps"] == 200 and point["trim_vocab"] is True and point["quantize"] == "torch-int8"
+    points = default_points(space, depth=6)
+    for point in points:
+        assert point["distill_layers"] in [2, 3] and point["prune_heads"] == 0.5 and point["recovery_steps"] == 200
+        assert point["trim_vocab"] is True and point["quantize"] == "torch-int8"
+    assert [p["prune_ffn"] for p in points] == [0.0, 0.0, 0.5, 0.0]  # the deepest student, then its FFN pruned
     alternative = default_points(SearchSpace(), depth=6)[0]
     assert (alternative["distill_layers"], alternative["prune_heads"], alternative["trim_vocab"],
             alternative["quantize"]) == (0, 0.0, False, "onnx-int8")
     points = default_points(SearchSpace(), depth=6)
     assert points[1] == {**alternative, "quantize": "onnx-int8-unfused"}  # both one-step baselines, measured
-    assert [p["distill_layers"] for p in points[2:]] == [3, 2]  # combinations, deepest student first
+    assert [p["distill_layers"] for p in points[2:]] == [3, 3, 2]  # combinations, deepest student first
     for combination in points[2:]:
         assert combination["augment"] is True and combination["trim_vocab"] is True
         assert combination["hidden_weight"] == 0 and combination["attention_weight"] == 0
+    assert [p["prune_ffn"] for p in points[2:]] == [0.0, 0.25, 0.0]  # the deepest again, its FFN cut by a quarter
+    assert points[3]["recovery_steps"] == 200 and points[3]["prune_heads"] == 0.0
 
 
 def measured(tid, acc, lat, size, pipeline, pareto=False):
@@ -479,7 +483,7 @@ def test_compress_refuses_unlabelled_text_for_a_tagger_and_a_mismatched_model(ti
 def test_a_taggers_first_distillations_keep_the_whole_vocabulary():
     classifier = default_points(SearchSpace(), depth=6)
     tagger = default_points(SearchSpace(), depth=6, tagger=True)
-    assert [p["distill_layers"] for p in tagger] == [p["distill_layers"] for p in classifier] == [0, 0, 3, 2]
-    assert [p["trim_vocab"] for p in classifier] == [False, False, True, True]
-    assert [p["trim_vocab"] for p in tagger] == [False, False, False, False]
-    assert [p["trim_vocab"] for p in default_points(SearchSpace(trim_vocab=[True]), 6, tagger=True)] == [True] * 4
+    assert [p["distill_layers"] for p in tagger] == [p["distill_layers"] for p in classifier] == [0, 0, 3, 3, 2]
+    assert [p["trim_vocab"] for p in classifier] == [False, False, True, True, True]
+    assert [p["trim_vocab"] for p in tagger] == [False] * 5
+    assert [p["trim_vocab"] for p in default_points(SearchSpace(trim_vocab=[True]), 6, tagger=True)] == [True] * 5
