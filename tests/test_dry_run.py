@@ -180,6 +180,7 @@ def test_fuzzed_flags_and_config_files_end_in_exit_0_or_one_error_per_line(stage
         seen[status] += 1
 
     check()
+    print(f"fuzzed slimray {stage}: {seen[0] + seen[2]} cases, exit 0: {seen[0]}, exit 2: {seen[2]}")  # bench/chaos.py
     assert seen[0] and seen[2], seen  # both outcomes reached: the values got past the parser
     assert not (folder / "out").exists()
 
