@@ -20,7 +20,8 @@ Scenarios (``--only`` names):
   single-message requests (bench/loadgen.py, a 10 s client timeout): the Model replica SIGKILLed, the ingress
   replica SIGKILLed (with direct ingress it holds the port), Serve's proxy SIGKILLed, the Model replica
   stopped (SIGSTOP) for longer than the ingress waits for a model, and a burst of more clients than the
-  ingress admits (load shed by max_queued_requests). Every request is counted: 200, 503 with Retry-After,
+  ingress admits (load shed by max_queued_requests): clients that wait the Retry-After of a 503, then clients
+  that retry at once (a flood). Every request is counted: 200, 503 with Retry-After,
   another status, a refused or reset connection, and lost (no answer within 10 s).
 - input-cli-in-process: tests/test_dry_run.py's fuzzing of every stage's flags and config files through
   --dry-run, at ``--cli-cases`` cases (2,100) in all.
@@ -64,6 +65,7 @@ from cluster.settings import get_settings  # noqa: E402
 SAMPLE = REPO / "jobs" / "samples" / "harbor_bank"
 RESUMED = re.compile(r"resumed from checkpoint at step (\d+)")
 RUN_NAME = re.compile(r"Ray Train run (\S+) \(storage (.+)\)")
+TRIAL_DONE = re.compile(r"Trial trial_(\w+) completed after")
 WAITING = re.compile(r"worker group startup timed out after [\d.]+ seconds waiting for \d+ workers")
 
 
@@ -193,7 +195,8 @@ class Results:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def done(self, scenario: str) -> bool:
-        return any(r["scenario"] == scenario or r["scenario"].startswith(f"{scenario}-") for r in self.rows())
+        return any(r["scenario"] == scenario or (scenario == "serve" and r["scenario"].startswith("serve-"))
+                   for r in self.rows())
 
     def add(self, row: dict[str, Any]) -> None:
         row = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg": os.getloadavg()[0], **row}
@@ -404,7 +407,8 @@ def search_trial(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows, problems = check_search(out) if rc == 0 else ([], [f"exit {rc}: {run.tail(5)}"])
     errored = [r for r in rows if r["status"] == "error"]
     return [{"scenario": "search-trial", "title": "search: a trial's process SIGKILLed", "tries": 1,
-             "outcome": (f"completed: {len(rows)} trials, {len(errored)} failed ({errored[0]['error'][:80] if errored else '-'})"
+             "outcome": (f"completed: {len(rows)} trials, {len(errored)} failed "
+                         f"({errored[0]['error'][:80] if errored else '-'})"
                          if rc == 0 else "search failed") + (f"; {'; '.join(problems)}" if problems else ""),
              "recover_s": round(time.monotonic() - t_kill, 1), "ok": rc == 0 and not problems and len(rows) == 4}]
 
@@ -422,9 +426,12 @@ def search_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
     wait_until(a_trial_finished, args.timeout_s, "a finished trial", poll_s=0.5)
     if run.proc.poll() is not None:
         raise RuntimeError(f"the search ended before its driver could be killed:\n{run.tail()}")
-    finished = {p: p.stat().st_mtime for p in out.glob("search/*/slimray_model.json")}
     t_kill = time.monotonic()
     run.kill_tree()
+    # Trials Tune had recorded as completed when the driver died: their candidates must not be built again. (A
+    # trial that had saved its candidate but not yet reported is run again: Tune never counted it.)
+    done = {m[1] for _, line in run.lines if (m := TRIAL_DONE.search(line))}
+    finished = {p: p.stat().st_mtime for p in out.glob("search/*/slimray_model.json") if p.parent.name in done}
     again = Logged(compress_argv(args, out), log, env=env)
     rc = again.wait(args.timeout_s)
     rows, problems = check_search(out) if rc == 0 else ([], [f"exit {rc}: {again.tail(5)}"])
@@ -433,9 +440,10 @@ def search_driver(args: argparse.Namespace) -> list[dict[str, Any]]:
         problems.append(f"rebuilt after the restart: {rebuilt}")
     return [{"scenario": "search-driver", "title": "search: the driver SIGKILLed (with its embedded cluster), the "
              "same command started again", "tries": 1,
-             "outcome": (f"resumed and completed: {len(rows)} trials, {len(finished)} finished before the kill kept"
+             "outcome": (f"resumed and completed: {len(rows)} trials, {len(finished)} completed before the kill kept"
                          if rc == 0 else "search failed") + (f"; {'; '.join(problems)}" if problems else ""),
-             "recover_s": round(time.monotonic() - t_kill, 1), "ok": rc == 0 and not problems and len(rows) == 4}]
+             "recover_s": round(time.monotonic() - t_kill, 1),
+             "ok": rc == 0 and not problems and len(rows) == 4 and bool(finished)}]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,7 +483,7 @@ def count_outcomes(result: Any, t_fault: float) -> dict[str, Any]:
 
 
 def under_load(port: int, requests: list[bytes], concurrency: int, seconds: float, fault_at_s: float,
-               fault: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+               fault: Callable[[], Any], honor_retry_after: bool = True) -> tuple[dict[str, Any], Any]:
     """Closed-loop load for ``seconds``; ``fault()`` runs ``fault_at_s`` into it. Returns the outcome counts
     and what the fault returned."""
     import asyncio
@@ -485,8 +493,8 @@ def under_load(port: int, requests: list[bytes], concurrency: int, seconds: floa
     holder: dict[str, Any] = {}
 
     def load() -> None:
-        holder["result"] = asyncio.run(closed_loop(port, requests, concurrency, seconds,
-                                                   record_header="retry-after", timeout_s=LOST_S))
+        holder["result"] = asyncio.run(closed_loop(port, requests, concurrency, seconds, record_header="retry-after",
+                                                   timeout_s=LOST_S, honor_retry_after=honor_retry_after))
 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
@@ -578,16 +586,20 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
              args.clients, kill("ProxyActor")),
             ("serve-slow-model", f"serving: the Model replica stopped (SIGSTOP) for {args.stall_s:g} s under load "
              f"({args.clients} clients)", args.clients, stall),
-            ("serve-overload", f"serving: {args.burst} clients at once, more than the ingress admits",
-             args.burst, lambda: None),
+            ("serve-overload", f"serving: {args.burst} clients at once, more than the ingress admits (each waits "
+             "the Retry-After of a 503)", args.burst, lambda: None),
+            ("serve-flood", f"serving: {args.burst} clients at once that ignore Retry-After (a 503 is retried at "
+             "once)", args.burst, lambda: None),
         ]
         for scenario, title, clients, fault in phases:
             if args.only_serve and scenario not in args.only_serve:
                 continue
             print(f"[{scenario}] {clients} clients for {args.phase_s:g} s", flush=True)
-            counts, pid = under_load(port, requests, clients, args.phase_s, args.phase_s / 3, fault)
+            counts, pid = under_load(port, requests, clients, args.phase_s, args.phase_s / 3, fault,
+                                     honor_retry_after=scenario != "serve-flood")
             back_s = wait_serving(port, 300)
-            if scenario == "serve-overload":  # and once the burst is over, the endpoint serves everyone again
+            burst = scenario in ("serve-overload", "serve-flood")
+            if burst:  # and once the burst is over, the endpoint serves everyone again
                 after, _ = under_load(port, requests, args.clients, 10, 0, lambda: None)
                 counts["after_burst"] = {k: after[k] for k in ("requests", "served", "failed")}
             clear = (counts["lost"] == 0 and counts["other_status"] == 0 and counts["503_without_retry_after"] == 0
@@ -597,7 +609,7 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"{counts['refused_or_reset']}")
             rows.append({"scenario": scenario, "title": title, "tries": 1, "outcome": served, **counts,
                          "recovered_after_load_s": round(back_s, 1), "pid": pid,
-                         "ok": clear and (scenario != "serve-overload" or counts["after_burst"]["failed"] == 0)})
+                         "ok": clear and (not burst or counts["after_burst"]["failed"] == 0)})
             print(f"  {rows[-1]}", flush=True)
     finally:
         stop_server(server)
@@ -621,16 +633,16 @@ def input_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     files = file_kinds(folder)
     cases: list[tuple[str, list[str]]] = []
     per_stage = math.ceil(args.subprocesses / len(STAGES))
-    for stage in sorted(STAGES):
-        base = valid_argv(stage, args.data, args.teacher, folder / "out")
-
+    def collector(stage: str) -> Callable[[], None]:
         @settings(max_examples=per_stage, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(argv=argvs(stage, files, base))
-        def collect(argv, stage=stage):
+        @given(argv=argvs(stage, files, valid_argv(stage, args.data, args.teacher, folder / "out")))
+        def collect(argv: list[str]) -> None:
             cases.append((stage, argv))
+        return collect
 
-        collect()
+    for stage in sorted(STAGES):
+        collector(stage)()
 
     def one(case: tuple[str, list[str]]) -> tuple[str, list[str], int, str]:
         stage, argv = case

@@ -91,9 +91,11 @@ async def _read_response(reader: asyncio.StreamReader, header: str) -> tuple[int
 
 async def closed_loop(port: int, requests: list[bytes], concurrency: int, duration_s: float,
                       max_requests: int = 1_000_000, record_header: str = "x-model-replica",
-                      warmup_s: float = 0.0, timeout_s: float = 60.0) -> LoadResult:
+                      warmup_s: float = 0.0, timeout_s: float = 60.0, honor_retry_after: bool = False) -> LoadResult:
     """Runs ``concurrency`` clients for ``warmup_s`` then ``duration_s`` (the measured window); cycles
-    ``requests``. Clients send nothing after the window; what is in flight then still completes."""
+    ``requests``. Clients send nothing after the window; what is in flight then still completes. With
+    ``honor_retry_after`` (and ``record_header="retry-after"``), a client answered 503 waits the seconds the
+    server asked for before its next request, as a well-behaved HTTP client does."""
     result = LoadResult()
     pool = itertools.cycle(requests)
     t_start = time.perf_counter()
@@ -119,6 +121,8 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, durati
                 reader = writer = None
                 await asyncio.sleep(0.05)  # a refused connection would otherwise spin
             result.samples.append(Sample(t0, time.perf_counter() - t0, status, value))
+            if honor_retry_after and status == 503 and value.isdigit():
+                await asyncio.sleep(min(float(value), max(0.0, t_end - time.perf_counter())))
         if writer is not None:
             writer.close()
 

@@ -1,7 +1,8 @@
 """A long-trained student, then its FFN pruned: the candidates the compression search needs past 2x, built
 directly with ``tuning.methods`` (no search) and measured side by side against the one-step baseline.
 
-    .venv/bin/python bench/long_student.py --model runs/bench/b77-ft --data runs/bench/b77-data --out runs/bench/long-student
+    .venv/bin/python bench/long_student.py --model runs/bench/b77-ft --data runs/bench/b77-data \
+        --out runs/bench/long-student
 
 Distils a ``--layers`` student on the train texts plus ``--copies`` teacher-labelled augmentations of each
 (``tuning.transfer``) for ``--epochs`` epochs (logit KD), then prunes each share of ``--ffn`` of its FFN

@@ -343,7 +343,7 @@ def default_points(space: SearchSpace, depth: int, tagger: bool = False) -> list
             if i == 0 and ffn:
                 # The deepest student again, its FFN then cut by the smallest share (with the longest recovery):
                 # depth sets latency (about 0.29 ms per layer of ONNX int8 MiniLM at 1 thread). On BANKING77 a
-                # 3-layer student was 1.86x the one-step baseline at -0.55 test points, and 2.07x at -0.94 with a
+                # 3-layer student was 1.94x the one-step baseline at -0.55 test points, and 2.10x at -0.94 with a
                 # quarter of its FFN cut (README). Second, so that a time budget does not cut it.
                 points.append({**points[-1], "prune_ffn": min(ffn), "recovery_steps": max(space.recovery_steps)})
     return points
