@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import math
 import os
 import random
@@ -664,6 +665,96 @@ def input_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
              "ok": not bad and len(cases) >= args.subprocesses}]
 
 
+def sentiment_model(args: argparse.Namespace) -> Path:
+    """A news-sentiment classifier for the monitor: ``--sentiment-model``, else one prepared and fine-tuned
+    here once (the built-in news editorial data, a short run: the scenario needs a working model, not a
+    good one)."""
+    if args.sentiment_model is not None:
+        return args.sentiment_model
+    data, model = args.root / "news-data", args.root / "news-ft"
+    for stage, argv in (("prepare", ["--config", "jobs/configs/prepare_vader_news.yaml", "--out", str(data)]),
+                        ("finetune", ["--data", str(data), "--model", args.model, "--max-steps", "120",
+                                      "--out", str(model)])):
+        if not (Path(argv[-1]) / "manifest.json").is_file():
+            r = subprocess.run([sys.executable, "-m", "slimray", stage, *argv], cwd=REPO, env=args.env,
+                               capture_output=True, text=True, timeout=3600)
+            if r.returncode != 0:
+                raise RuntimeError(f"slimray {stage} failed:\n{r.stderr[-2000:]}")
+    return model
+
+
+def monitor_faults(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The news monitor under load (one observation per request, each with its own id), its SentimentModel
+    replica and then its Monitor replica SIGKILLed; afterwards every acknowledged observation is looked up in
+    the store: a 2xx whose observation is not there is lost."""
+    import asyncio
+
+    import httpx
+
+    from jobs.monitor import MonitorStore
+    from jobs.prepare import read_split
+    from raycluster import free_port
+
+    store = f"sqlite:///{args.root / f'monitor-{int(time.time())}.db'}"
+    port = free_port()
+    server = Logged([str(Path(sys.executable).parent / "slimray"), "serve", "--sentiment-model",
+                     str(sentiment_model(args)), "--monitor-store", store, "--port", str(port)],
+                    args.root / f"monitor-{int(time.time())}.log", env=args.env)
+    texts = read_split(args.data, "test", ("text",))["text"]
+    outcomes: list[tuple[str, int, float, float]] = []  # id, status (0: no answer), start, seconds
+    try:
+        server.wait_for(re.compile(rf"at http://127\.0\.0\.1:{port} \(API docs"), 600)
+        counter = iter(range(10**9))
+
+        async def client(http: httpx.AsyncClient, t_end: float) -> None:
+            while time.perf_counter() < t_end:
+                n = next(counter)
+                item = {"id": f"chaos-{n}", "topic": f"topic-{n % 5}", "text": texts[n % len(texts)]}
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/v1/observations", json={"items": [item]}, timeout=LOST_S)
+                    status = r.status_code
+                    # "duplicate": a retried call whose first try had stored it (the monitor stores an id once)
+                    ok = status == 200 and r.json()["results"][0]["status"] in ("stored", "duplicate")
+                    if status == 503:
+                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                except httpx.HTTPError:
+                    status, ok = 0, False
+                outcomes.append((item["id"], status if status != 200 or ok else -1, t0, time.perf_counter() - t0))
+
+        async def load(seconds: float) -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                t_end = time.perf_counter() + seconds
+                await asyncio.gather(*(client(http, t_end) for _ in range(args.clients)))
+
+        thread = threading.Thread(target=lambda: asyncio.run(load(args.phase_s * 1.5)), daemon=True)
+        thread.start()
+        kills = []
+        for name in ("SentimentModel", "Monitor"):
+            time.sleep(args.phase_s / 2)  # the load's schedule: one kill in each half
+            (pid, *_) = descendants_named(server.proc.pid, f"ServeReplica:slimray:{name}")
+            kills.append((name, time.perf_counter()))
+            os.kill(pid, signal.SIGKILL)
+        thread.join()
+    finally:
+        stop_server(server)
+    acked = [i for i, status, _, _ in outcomes if status == 200]
+    kept = MonitorStore.open(store).texts(acked)
+    missing = [i for i in acked if i not in kept]
+    unanswered = sum(1 for _, status, _, dt in outcomes if status == 0 and dt >= LOST_S - 0.1)
+    statuses = dict(sorted(Counter(str(status) for _, status, _, _ in outcomes).items()))
+    first_kill = kills[0][1]
+    failed_at = [t + dt for _, status, t, dt in outcomes if status != 200 and t + dt >= first_kill]
+    later_ok = [t + dt for _, status, t, dt in outcomes if status == 200 and failed_at and t + dt > max(failed_at)]
+    return [{"scenario": "serve-monitor", "title": f"serving: the news monitor's SentimentModel replica, then its "
+             f"Monitor replica SIGKILLed under load ({args.clients} clients, one observation per request)",
+             "tries": 2, "outcome": f"statuses {statuses}; {len(acked)} acknowledged as stored, {len(missing)} of "
+             f"them missing from the store", "requests": len(outcomes),
+             "failed": len(outcomes) - len(acked), "lost": len(missing) + unanswered, "missing": missing[:20],
+             "recover_s": round(min(later_ok) - first_kill, 1) if later_ok else (0.0 if not failed_at else None),
+             "ok": not missing and not unanswered and bool(acked)}]
+
+
 def input_cli_in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
     """tests/test_dry_run.py's fuzzing (every stage's flags and config files, through --dry-run, in-process) at
     ``--cli-cases`` cases in all; each stage prints how many it ran."""
@@ -776,7 +867,7 @@ def input_http(args: argparse.Namespace) -> list[dict[str, Any]]:
 SCENARIOS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "train-workers": train_workers, "train-node": train_node, "search-trial": search_trial,
     "search-driver": search_driver, "serve": serving, "input-cli": input_cli,
-    "input-cli-in-process": input_cli_in_process, "input-http": input_http,
+    "input-cli-in-process": input_cli_in_process, "input-http": input_http, "serve-monitor": monitor_faults,
 }
 
 
@@ -795,6 +886,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick-steps", type=int, default=200)
     p.add_argument("--search-rows", type=int, default=600, help="train rows the search's students learn from")
     p.add_argument("--subprocesses", type=int, default=210)
+    p.add_argument("--sentiment-model", type=Path, default=None, help="the monitor's sentiment model (default: "
+                   "one fine-tuned here once on the built-in news editorial data)")
     p.add_argument("--cli-cases", type=int, default=2100, help="in-process fuzzed CLI cases, all stages together")
     p.add_argument("--http-cases", type=int, default=5000, help="schemathesis cases against the live API")
     p.add_argument("--clients", type=int, default=16, help="closed-loop clients of the serving faults")

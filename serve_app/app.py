@@ -342,9 +342,9 @@ class MonitorServer:
         return {"store": _safe(self.store.url), "alerting": self.rule.model_dump()}
 
 
-async def _call_with_retries(handle: DeploymentHandle, method: str, version: str, texts: list[str],
-                             policy: CallPolicy) -> Any:
-    """``handle.method(texts)``, retried with backoff while its replica is dead (requests are idempotent).
+async def _call_with_policy(method: Any, args: tuple, what: str, policy: CallPolicy) -> Any:
+    """``method.remote(*args)`` (a deployment handle's method), retried with backoff while its replica is dead
+    (every call here is idempotent: a model's, or the monitor's, which stores an id once).
 
     Raises ``ModelUnavailable`` (answered with 503 and Retry-After) when the retries are spent, when the
     deployment's queue is full (Serve's ``max_queued_requests``: load is shed, not queued without bound), or when
@@ -355,24 +355,29 @@ async def _call_with_retries(handle: DeploymentHandle, method: str, version: str
     error: Exception | None = None
     deadline = time.monotonic() + policy.timeout_s
     for attempt in range(policy.retries + 1):
-        t0 = time.perf_counter()
-        response = getattr(handle, method).remote(texts)
+        response = method.remote(*args)
         try:
-            rows, replica, timing = await asyncio.wait_for(response, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(response, max(0.0, deadline - time.monotonic()))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             error = e
-            log.warning("model %s replica failed (attempt %d): %s", version, attempt + 1, type(e).__name__)
+            log.warning("%s: replica failed (attempt %d): %s", what, attempt + 1, type(e).__name__)
             await asyncio.sleep(min(0.1 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
-            continue
         except TimeoutError:
             response.cancel()
-            raise ModelUnavailable(f"{version}: no answer within {policy.timeout_s:g} s") from None
+            raise ModelUnavailable(f"{what}: no answer within {policy.timeout_s:g} s") from None
         except BackPressureError:
-            raise ModelUnavailable(f"{version}: overloaded (its request queue is full)") from None
-        # what the handle call cost beyond the replica's own time: routing, both ways of gRPC, pickling
-        timing["hop_ms"] = (time.perf_counter() - t0) * 1000 - timing["model_ms"]
-        return rows, replica, timing
-    raise ModelUnavailable(f"{version}: {type(error).__name__}")
+            raise ModelUnavailable(f"{what}: overloaded (its request queue is full)") from None
+    raise ModelUnavailable(f"{what}: {type(error).__name__}")
+
+
+async def _call_with_retries(handle: DeploymentHandle, method: str, version: str, texts: list[str],
+                             policy: CallPolicy) -> Any:
+    """A model version's ``method(texts)`` under ``policy`` (``_call_with_policy``), with the hop's cost added to
+    its timing: what the call cost beyond the replica's own time (routing, both ways of gRPC, pickling)."""
+    t0 = time.perf_counter()
+    rows, replica, timing = await _call_with_policy(getattr(handle, method), (texts,), version, policy)
+    timing["hop_ms"] = (time.perf_counter() - t0) * 1000 - timing["model_ms"]
+    return rows, replica, timing
 
 
 def rebindable_direct_ingress() -> bool:
@@ -482,7 +487,7 @@ class Ingress:
     async def observe(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Backend.observe: the monitor scores and stores the items."""
         assert self.monitor is not None  # the route exists only then
-        return await self.monitor.observe.remote(items)
+        return await _call_with_policy(self.monitor.observe, (items,), "monitor", self.policy)
 
     async def alerts(self, topic: str | None, since: Any) -> list[dict[str, Any]]:
         assert self.monitor is not None
