@@ -525,14 +525,15 @@ def wait_serving(port: int, timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
-def start_server(args: argparse.Namespace, name: str) -> tuple[Logged, int]:
-    """`slimray serve` of the fine-tuned model on a free port, with its own embedded cluster; returns once it
-    answers."""
+def start_server(args: argparse.Namespace, name: str, serve_args: list[str] | None = None) -> tuple[Logged, int]:
+    """`slimray serve` on a free port, with its own embedded cluster: of the fine-tuned model, or of what
+    ``serve_args`` name; returns once it answers."""
     from raycluster import free_port
 
     port = free_port()
-    server = Logged([str(Path(sys.executable).parent / "slimray"), "serve", "--model", str(args.teacher),
-                     "--port", str(port)], args.root / f"{name}-{int(time.time())}.log", env=args.env)
+    serve_args = ["--model", str(args.teacher)] if serve_args is None else serve_args
+    server = Logged([str(Path(sys.executable).parent / "slimray"), "serve", *serve_args, "--port", str(port)],
+                    args.root / f"{name}-{int(time.time())}.log", env=args.env)
     try:
         server.wait_for(re.compile(rf"at http://127\.0\.0\.1:{port} \(API docs"), 600)
     except BaseException:
@@ -693,17 +694,13 @@ def monitor_faults(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from jobs.monitor import MonitorStore
     from jobs.prepare import read_split
-    from raycluster import free_port
 
     store = f"sqlite:///{args.root / f'monitor-{int(time.time())}.db'}"
-    port = free_port()
-    server = Logged([str(Path(sys.executable).parent / "slimray"), "serve", "--sentiment-model",
-                     str(sentiment_model(args)), "--monitor-store", store, "--port", str(port)],
-                    args.root / f"monitor-{int(time.time())}.log", env=args.env)
+    server, port = start_server(args, "monitor", ["--sentiment-model", str(sentiment_model(args)),
+                                                  "--monitor-store", store])
     texts = read_split(args.data, "test", ("text",))["text"]
     outcomes: list[tuple[str, int, float, float]] = []  # id, status (0: no answer), start, seconds
     try:
-        server.wait_for(re.compile(rf"at http://127\.0\.0\.1:{port} \(API docs"), 600)
         counter = iter(range(10**9))
 
         async def client(http: httpx.AsyncClient, t_end: float) -> None:

@@ -483,10 +483,9 @@ def test_a_model_call_retries_a_dead_replica_and_answers_503_when_slow_or_overlo
 
     # A replica that does not answer in time: the call is cancelled, and the request gets 503 in bounded time.
     handle = _Handle((answer, 30.0))
-    t0 = time.monotonic()
     with pytest.raises(ModelUnavailable, match="no answer within 0.2 s"):
         _run(_call_with_retries(handle, "score", "v1", ["t"], CallPolicy(retries=3, timeout_s=0.2)))
-    assert time.monotonic() - t0 < 10 and handle.responses[0].cancelled
+    assert handle.responses[0].cancelled and len(handle.responses) == 1  # cancelled, and not retried
 
     # A full queue sheds the request at once (no retry: retrying would only add load).
     handle = _Handle((BackPressureError(num_queued_requests=9, max_queued_requests=8), 0.0), (answer, 0.0))
