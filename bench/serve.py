@@ -63,11 +63,13 @@ def bench_texts(n: int = 512) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
-def raw_forward(model_dir: str, threads: int, texts: list[str], seconds: float) -> dict[str, float]:
-    """Batch-1 latency and batch-32 throughput of the model itself (tokenization + forward)."""
+def raw_forward(model_dir: str, threads: int, texts: list[str], seconds: float,
+                script: bool = True) -> dict[str, float]:
+    """Batch-1 latency and batch-32 throughput of the model itself (tokenization + forward); ``script=False``:
+    the eager PyTorch model instead of the TorchScript trace every contender loads."""
     from jobs.inference import load_inference_model
 
-    model = load_inference_model(model_dir, threads=threads)
+    model = load_inference_model(model_dir, threads=threads, script=script)
     model.logits(texts[:32], batch_size=32)
     lat = []
     t_end = time.perf_counter() + seconds
@@ -391,6 +393,9 @@ def main() -> None:
     print("  raw forward", flush=True)
     report["raw"] = raw = raw_forward(model_dir, args.threads, texts, seconds=args.duration_s)
     print(f"    batch-1 p50 {raw['batch1_p50_ms']:.2f} ms; batch-32 {raw['batch32_texts_per_s']:.1f} texts/s")
+    report["raw_eager"] = eager = raw_forward(model_dir, args.threads, texts, seconds=args.duration_s, script=False)
+    print(f"    (eager PyTorch, not traced: batch-1 p50 {eager['batch1_p50_ms']:.2f} ms; batch-32 "
+          f"{eager['batch32_texts_per_s']:.1f} texts/s)", flush=True)
     modes = () if args.serve_only else ("sync", "async", "microbatch")
     for mode in modes:
         print(f"  plain uvicorn ({mode} route)", flush=True)

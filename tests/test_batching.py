@@ -47,3 +47,43 @@ def test_logits_by_length_equal_the_plain_ones_in_the_callers_order(tiny_classif
     plain, grouped = model.logits(texts, batch_size=16), model.logits(texts, batch_size=16, by_length=True)
     assert grouped.shape == plain.shape and np.allclose(grouped, plain, atol=1e-4)
     assert (grouped.argmax(-1) == plain.argmax(-1)).all()
+
+
+def test_the_traced_forward_agrees_with_the_eager_model_on_every_text(tiny_classifier, sample_data, tmp_path):
+    from jobs.inference import load_inference_model
+    from jobs.prepare import read_split
+
+    texts = read_split(sample_data, "test", ("text",))["text"][:60]
+    texts = texts + ["a much longer message " * 6 + t for t in texts[:6]] + ["?"]
+    traced, eager = load_inference_model(tiny_classifier, threads=1), load_inference_model(tiny_classifier, threads=1,
+                                                                                            script=False)
+    assert getattr(traced.forward, "traced", False) and not getattr(eager.forward, "traced", False)
+    for batch_size in (1, 7, 32):  # batch 1 has no padding; the others pad to their longest text
+        a, b = traced.logits(texts, batch_size=batch_size), eager.logits(texts, batch_size=batch_size)
+        assert np.allclose(a, b, atol=1e-4) and (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_a_model_that_does_not_trace_runs_eagerly_with_a_warning(tiny_classifier, caplog):
+    import torch
+
+    from jobs.inference import build_torch_model, traced_forward
+    from jobs.modeling import load_tokenizer
+
+    model = build_torch_model(tiny_classifier, {})
+    inner = model.forward
+
+    def shape_dependent(*args, **kwargs):  # Python control flow on a shape: the trace keeps one branch
+        out = inner(*args, **kwargs)
+        if kwargs["input_ids"].shape[0] == 1:
+            out.logits = out.logits + 1
+        return out
+
+    model.forward = shape_dependent
+    with caplog.at_level("WARNING", logger="slimray.inference"):
+        forward = traced_forward(model, load_tokenizer(tiny_classifier))
+    assert not getattr(forward, "traced", False)
+    assert "TorchScript trace of" in caplog.text and "running it eagerly" in caplog.text
+    batch = {"input_ids": np.array([[101, 2054, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
+    with torch.inference_mode():
+        want = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    assert np.allclose(forward(batch), want)
