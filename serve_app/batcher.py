@@ -31,49 +31,65 @@ class BatchResult:
 
 
 class Batcher:
-    """Runs ``run(texts) -> rows`` (one row per text) on a worker thread, one call at a time, over the texts of
-    every request queued when the previous call ended.
+    """Runs ``run(texts) -> rows`` (one row per text) over the texts of every request queued when a call
+    could start: at most ``concurrency`` calls at once, each taking everything queued (up to
+    ``max_batch_size`` texts). A lone request starts at once when a call slot is free.
 
     Args:
-        run: the forward pass; it is called from a worker thread, never concurrently with itself.
+        run: the forward pass, called from a worker thread; or a coroutine function (``async def``), awaited on
+            the event loop (the ingress's calls to a model deployment: one call carries many messages).
         max_batch_size: most texts per call; a request is never split (send at most this many texts).
         batch_wait_s: when a batch would start with fewer than ``max_batch_size`` texts, wait this long once
             for more (0: start at once; under load, batches form from the queue anyway).
         on_batch: called on the event loop with each call's number of texts (a metrics hook).
+        concurrency: calls at once; 1 for a forward pass (a sync ``run`` is never called concurrently with
+            itself then), more for calls to other processes that batch again on their side.
     """
 
-    def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int = 64, batch_wait_s: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(self, run: Callable[[list[str]], Any], max_batch_size: int = 64, batch_wait_s: float = 0.0,
+                 on_batch: Callable[[int], None] | None = None, concurrency: int = 1):
         self.run, self.on_batch = run, on_batch
-        self.configure(max_batch_size, batch_wait_s)
         self._pending: deque[tuple[list[str], asyncio.Future]] = deque()
-        self._arrived: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self.configure(max_batch_size, batch_wait_s, concurrency)
 
-    def configure(self, max_batch_size: int, batch_wait_s: float) -> None:
+    def configure(self, max_batch_size: int, batch_wait_s: float, concurrency: int | None = None) -> None:
         """Changes the knobs; the next batch uses them."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        if concurrency is not None:
+            self.concurrency = concurrency
+            if self._wake is not None:
+                self._wake.set()
 
     @property
     def queued_texts(self) -> int:
         return sum(len(texts) for texts, _ in self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running now."""
+        return len(self._running)
 
     async def submit(self, texts: list[str]) -> BatchResult:
         """``run``'s rows for ``texts``, computed in the next batch; ``run``'s exception if it raised."""
         if not 1 <= len(texts) <= self.max_batch_size:
             raise ValueError(f"a request holds 1 to max_batch_size={self.max_batch_size} texts, got {len(texts)}")
         loop = asyncio.get_running_loop()
-        if self._arrived is None:
-            self._arrived = asyncio.Event()
+        if self._wake is None:
+            self._wake = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         future = loop.create_future()
         self._pending.append((texts, future))
-        self._arrived.set()
+        self._wake.set()
         return await future
 
     def _take(self) -> list[tuple[list[str], asyncio.Future]]:
@@ -90,31 +106,47 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
-        assert self._arrived is not None
+        """Starts a call whenever requests are queued and a call slot is free; woken by each arrival and by
+        each call's end."""
+        assert self._wake is not None
         while True:
-            if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
+            if not self._pending or len(self._running) >= self.concurrency:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if self.batch_wait_s and self.queued_texts < self.max_batch_size:
                 await asyncio.sleep(self.batch_wait_s)
             batch = self._take()
             if not batch:
                 continue
-            flat = [text for texts, _ in batch for text in texts]
-            if self.on_batch is not None:
-                self.on_batch(len(flat))
-            started = time.perf_counter()
-            try:  # on a worker thread: requests keep queueing on the loop meanwhile
+            task = asyncio.get_running_loop().create_task(self._call(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _call(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+        flat = [text for texts, _ in batch for text in texts]
+        if self.on_batch is not None:
+            self.on_batch(len(flat))
+        started = time.perf_counter()
+        try:  # a sync run goes to a worker thread: requests keep queueing on the loop meanwhile
+            if asyncio.iscoroutinefunction(self.run):
+                rows = await self.run(flat)
+            else:
                 rows = await asyncio.to_thread(self.run, flat)
-                if len(rows) != len(flat):
-                    raise RuntimeError(f"run returned {len(rows)} rows for {len(flat)} texts")
-            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            forward_s, start = time.perf_counter() - started, 0
-            for texts, future in batch:
+            if len(rows) != len(flat):
+                raise RuntimeError(f"run returned {len(rows)} rows for {len(flat)} texts")
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(BatchResult(rows[start:start + len(texts)], started, forward_s, len(flat)))
-                start += len(texts)
+                    future.set_exception(e)
+            return
+        forward_s, start = time.perf_counter() - started, 0
+        for texts, future in batch:
+            if not future.done():
+                future.set_result(BatchResult(rows[start:start + len(texts)], started, forward_s, len(flat)))
+            start += len(texts)

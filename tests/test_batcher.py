@@ -146,3 +146,55 @@ def test_server_timing_round_trips_and_ignores_what_it_does_not_know():
     assert value == 'hop;dur=1.23, queue;dur=0.50, forward;dur=12.00, batch;desc="7"'
     assert parse_server_timing(value + ", ingress;dur=20.5, cache;desc=hit-or-miss") == {
         "hop": 1.23, "queue": 0.5, "forward": 12.0, "batch": 7.0, "ingress": 20.5}
+
+
+def test_calls_to_another_process_run_concurrently_and_carry_what_queued_while_every_slot_was_busy():
+    """The ingress's dispatcher: an async ``run`` (a model deployment's method), ``concurrency`` calls at once."""
+    calls: list[list[str]] = []
+    release: list[asyncio.Event] = []
+    most = 0
+
+    async def run(texts):
+        nonlocal most
+        calls.append(list(texts))
+        gate = asyncio.Event()
+        release.append(gate)
+        most = max(most, batcher.in_flight)
+        await gate.wait()
+        if "boom" in texts:
+            raise ValueError("the replica failed")
+        return [t.upper() for t in texts]
+
+    async def until(n):
+        while len(calls) < n:
+            await asyncio.sleep(0)
+
+    async def main():
+        lone = []
+        for n, text in enumerate(("a", "b"), 1):  # two lone requests: two calls at once, neither waits
+            lone.append(asyncio.ensure_future(batcher.submit([text])))
+            await until(n)
+        queued = [asyncio.ensure_future(batcher.submit([t])) for t in ("c", "d", "e")]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(calls) == 2  # every slot busy: they queue
+        release[0].set()  # one call ends: the next carries everything queued
+        await until(3)
+        release[1].set()
+        await lone[1]
+        failing = asyncio.ensure_future(batcher.submit(["boom"]))
+        await until(4)  # a slot is free again: it starts alone
+        for gate in release:
+            gate.set()
+        results = await asyncio.gather(*lone, *queued)
+        with pytest.raises(ValueError, match="the replica failed"):
+            await failing
+        return results
+
+    batcher = Batcher(run, max_batch_size=8, concurrency=2)
+    results = asyncio.run(main())
+    assert calls == [["a"], ["b"], ["c", "d", "e"], ["boom"]] and most == 2
+    assert [r.rows for r in results] == [["A"], ["B"], ["C"], ["D"], ["E"]]
+    assert [r.batch for r in results] == [1, 1, 3, 3, 3]
+    with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
+        Batcher(run, concurrency=0)
