@@ -155,7 +155,7 @@ def test_distillation_learns_from_extra_rows_without_gold_labels(tiny_classifier
         distill(teacher, ctx, layers=1, epochs=1)
 
 
-@pytest.mark.parametrize("backend", ["torch-int8", "onnx-int8", "onnx-int8-unfused"])
+@pytest.mark.parametrize("backend", ["torch-int8", "onnx-int8", "onnx-int8-per-channel", "onnx-int8-unfused"])
 def test_int8_backends_agree_with_fp32_on_argmax(tiny_classifier, sample_data, tmp_path, backend):
     ctx = context(sample_data)
     base = candidate(tiny_classifier)

@@ -68,9 +68,11 @@ class SearchSpace(StrictModel):
     importance: list[str] = Field(default=["taylor"], description="Pruning importance: taylor (|w*grad|) or magnitude")
     recovery_steps: list[int] = Field(default=[0, 200], description="KD steps after pruning")
     trim_vocab: list[bool] = Field(default=[True, False], description="Trim the vocabulary to tokens seen in train")
-    quantize: list[str] = Field(default=["onnx-int8", "onnx-int8-unfused", "torch-int8", "none"],
-                                description="int8 backend or none: onnx-int8 (fused graph), onnx-int8-unfused, "
-                                "torch-int8 (the fused graph measured no faster on 2 CPU cores: both are searched)")
+    quantize: list[str] = Field(default=["onnx-int8", "onnx-int8-per-channel", "onnx-int8-unfused", "torch-int8",
+                                         "none"],
+                                description="int8 backend or none: onnx-int8 (fused graph), onnx-int8-per-channel "
+                                "(fused, a scale per output channel: half the logit error at the same latency), "
+                                "onnx-int8-unfused, torch-int8")
 
 
 class CompressConfig(StrictModel):
@@ -335,11 +337,14 @@ def default_points(space: SearchSpace, depth: int, tagger: bool = False) -> list
     if base["quantize"] == "onnx-int8" and "onnx-int8-unfused" in space.quantize:  # both one-step baselines
         points.append({**base, "quantize": "onnx-int8-unfused"})
     students = sorted((d for d in layers if d > 0), reverse=True)
+    # Per-channel scales: on MiniLM-L6 (BANKING77 head) the mean logit error of the fused int8 graph fell from
+    # 0.0107 to 0.0056 and argmax agreement with fp32 rose from 0.903 to 0.946, at the same latency (README).
+    combined = "onnx-int8-per-channel" if "onnx-int8-per-channel" in space.quantize else base["quantize"]
     if True in space.trim_vocab or (tagger and students):
         ffn = [share for share in space.prune_ffn if share > 0]
         for i, d in enumerate(students):
             points.append({**base, "distill_layers": d, "trim_vocab": prefer(space.trim_vocab, not tagger),
-                           "augment": prefer(space.augment, True)})
+                           "augment": prefer(space.augment, True), "quantize": combined})
             if i == 0 and ffn:
                 # The deepest student again, its FFN then cut by the smallest share (with the longest recovery):
                 # depth sets latency (about 0.29 ms per layer of ONNX int8 MiniLM at 1 thread). On BANKING77 a
