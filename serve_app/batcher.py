@@ -14,6 +14,7 @@ replica; the batch wait would have to be the forward's length to help, and an id
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ class Batcher:
     def __init__(self, run: Callable[[list[str]], Any], max_batch_size: int = 64, batch_wait_s: float = 0.0,
                  on_batch: Callable[[int], None] | None = None, concurrency: int = 1):
         self.run, self.on_batch = run, on_batch
-        self._pending: deque[tuple[list[str], asyncio.Future]] = deque()
+        # (texts, future, the submitter's context: a call runs in its first request's, so the request id Serve
+        # keeps in a context variable travels with the call to the model replica and into its logs)
+        self._pending: deque[tuple[list[str], asyncio.Future, contextvars.Context]] = deque()
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -71,7 +74,7 @@ class Batcher:
 
     @property
     def queued_texts(self) -> int:
-        return sum(len(texts) for texts, _ in self._pending)
+        return sum(len(item[0]) for item in self._pending)
 
     @property
     def in_flight(self) -> int:
@@ -88,14 +91,14 @@ class Batcher:
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         future = loop.create_future()
-        self._pending.append((texts, future))
+        self._pending.append((texts, future, contextvars.copy_context()))
         self._wake.set()
         return await future
 
-    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
+    def _take(self) -> list[tuple[list[str], asyncio.Future, contextvars.Context]]:
         batch, size = [], 0
         while self._pending:
-            texts, future = self._pending[0]
+            texts, future, _ = self._pending[0]
             if future.done():  # its caller was cancelled while it queued
                 self._pending.popleft()
                 continue
@@ -119,7 +122,7 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            task = asyncio.get_running_loop().create_task(self._call(batch))
+            task = batch[0][2].run(asyncio.get_running_loop().create_task, self._call(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
@@ -128,8 +131,8 @@ class Batcher:
         if self._wake is not None:
             self._wake.set()
 
-    async def _call(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
-        flat = [text for texts, _ in batch for text in texts]
+    async def _call(self, batch: list[tuple[list[str], asyncio.Future, contextvars.Context]]) -> None:
+        flat = [text for texts, _, _ in batch for text in texts]
         if self.on_batch is not None:
             self.on_batch(len(flat))
         started = time.perf_counter()
@@ -141,12 +144,12 @@ class Batcher:
             if len(rows) != len(flat):
                 raise RuntimeError(f"run returned {len(rows)} rows for {len(flat)} texts")
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(e)
             return
         forward_s, start = time.perf_counter() - started, 0
-        for texts, future in batch:
+        for texts, future, _ in batch:
             if not future.done():
                 future.set_result(BatchResult(rows[start:start + len(texts)], started, forward_s, len(flat)))
             start += len(texts)

@@ -198,3 +198,28 @@ def test_calls_to_another_process_run_concurrently_and_carry_what_queued_while_e
     assert [r.batch for r in results] == [1, 1, 3, 3, 3]
     with pytest.raises(ValueError, match="concurrency must be >= 1, got 0"):
         Batcher(run, concurrency=0)
+
+
+def test_a_call_runs_in_its_first_requests_context():
+    """Serve keeps the request id in a context variable: a coalesced call must carry its first request's id
+    to the model replica (and its logs), not the id of whichever request started the batcher."""
+    import contextvars
+
+    request_id = contextvars.ContextVar("request_id", default=None)
+    seen: list[tuple[str, list[str]]] = []
+
+    async def run(texts):
+        seen.append((request_id.get(), list(texts)))
+        return texts
+
+    async def send(rid, text):
+        request_id.set(rid)
+        return await batcher.submit([text])
+
+    async def main():
+        for i in range(3):  # one after another: each call alone, each in its own request's context
+            await send(f"r{i}", f"t{i}")
+
+    batcher = Batcher(run, max_batch_size=8, concurrency=2)
+    asyncio.run(main())
+    assert seen == [("r0", ["t0"]), ("r1", ["t1"]), ("r2", ["t2"])]
