@@ -106,8 +106,8 @@ def traced_forward(model: Any, tokenizer: Any) -> Callable[[dict[str, np.ndarray
     """``forward`` of a frozen TorchScript trace of ``model`` (an eval-mode classifier or tagger), checked
     against the eager model at load; the eager ``torch_forward`` when tracing fails or disagrees.
 
-    Measured here (MiniLM-L6, 1 thread, batch 1): eager 9.5 ms alone and 19.9 ms beside a busy thread,
-    traced 6.3 and 6.9 ms, because the trace runs without Python between the ops; a serving replica shares
+    MiniLM-L6, 1 thread, batch 1: eager 9.5 ms alone and 19.9 ms beside a busy thread, traced 6.3 and
+    6.9 ms (on the 2026-12-06 machine; 23.3 against 15.9 ms alone in bench/serve.py on the 2026-12-07 one), because the trace runs without Python between the ops; a serving replica shares
     its cores with the proxy and the ingress, which is the second case. The trace is taken on a padded batch
     of two texts, so that the attention mask stays in the graph (transformers drops it when a batch has no
     padding), and it is compared with the eager logits on batches of other sizes and lengths. Calls whose
