@@ -171,7 +171,7 @@ def main() -> None:
     if not (args.model / "metrics.json").is_file():
         raise SystemExit(f"{args.model} not found: run bench/finetune.py first (or pass --model)")
     started = time.time()
-    args.kind = load_inference_model(args.model).kind
+    args.kind = load_inference_model(args.model, script=False).kind
     cfg = search_config(args)
     # 1. The search (writes OUT/chosen, report.md, pareto.png; resumes an interrupted search).
     compress(cfg)

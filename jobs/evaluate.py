@@ -44,7 +44,7 @@ def evaluate(model_dir: Path, data_dir: Path, split: str, batch_size: int = 64) 
 
     info = load_prepared(data_dir)
     task = get_task(info["task"])
-    model = load_inference_model(model_dir)
+    model = load_inference_model(model_dir, script=False)  # batches of 64: no trace to take and check
     if (model.kind == "tagging") != (task.kind == "tagging"):
         raise InputError(f"{model_dir} is a {'tagger' if model.kind == 'tagging' else 'text classifier'} but "
                          f"{data_dir} is prepared for task {task.name!r}")

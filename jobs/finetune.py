@@ -319,6 +319,21 @@ def plan_steps(cfg: FinetuneConfig, info: dict[str, Any]) -> Plan:
                 math.ceil(info["train_rows"] / world))
 
 
+def skip_shm_comm_build() -> None:
+    """Keeps DeepSpeed from compiling its shared-memory all-reduce op for a training run.
+
+    On the CPU accelerator, DeepSpeed's communication backend JIT-compiles ``deepspeed_shm_comm`` (C++) the first
+    time a process group starts in an environment: 45-135 s on 2 cores here, and it needs a C++ compiler on every
+    node. Only DeepSpeed's inference all-reduce (tensor-parallel inference) uses that op; training reduces through
+    torch.distributed. Marking the op unavailable is what DeepSpeed does on platforms without it: the backend then
+    keeps torch.distributed's collectives. (``__compatible_ops__`` is the table DeepSpeed probes at import; there is
+    no public switch for this op.)
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
                  ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """(tokenizer, engine): the pretrained model with the task's head and AdamW (no decay on biases/LayerNorm,
@@ -329,6 +344,7 @@ def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
 
     from jobs.modeling import load_pretrained_for_training, load_tokenizer
 
+    skip_shm_comm_build()  # before anything below starts DeepSpeed's communication backend
     if info["task"] == "generation":
         from jobs import generation
 

@@ -65,7 +65,7 @@ def ingest(cfg: IngestConfig) -> dict[str, int]:
     from jobs.predict import Predictor
     from jobs.sources import read_table
 
-    model = load_inference_model(cfg.model)  # a bad model fails here, before Ray starts
+    model = load_inference_model(cfg.model, script=False)  # a bad model fails here, before Ray starts
     if model.kind != "sequence":
         raise InputError(f"{cfg.model} is an entity tagger; the monitor needs a sentiment classifier")
     store = MonitorStore.open(cfg.store)

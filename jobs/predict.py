@@ -120,7 +120,7 @@ def main(cfg: PredictConfig) -> Path:
     from jobs.inference import load_inference_model
 
     output, table, text_column = check_inputs(cfg)
-    load_inference_model(cfg.model)  # fail on weights that do not load before starting Ray
+    load_inference_model(cfg.model, script=False)  # fail on weights that do not load before starting Ray
 
     connect()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # output rows match input rows

@@ -576,7 +576,7 @@ def resolve_calibration(model_dir: str, data: str | None, target_precision: floa
     if data:
         from jobs.inference import load_inference_model
 
-        calibration = calibrate_handoff(load_inference_model(model_dir), data, target_precision)
+        calibration = calibrate_handoff(load_inference_model(model_dir, script=False), data, target_precision)
         log.info("calibrated %s on %s: threshold %.3f (coverage %.3f)", model_dir, data,
                  calibration["threshold"], calibration["coverage"])
         return {**calibration, "source": "computed at start-up (validation split)"}

@@ -94,6 +94,8 @@ class CompressConfig(StrictModel):
                                     "rows for distillation and pruning")
     latency_texts: int = Field(default=64, ge=32, description="Texts used for latency: test texts, topped up from "
                                "validation then train when the test split has fewer")
+    latency_rounds: int = Field(default=15, ge=1, description="Interleaved rounds of the final side-by-side latency "
+                                "measurement (the median over rounds; fewer is a smoke knob)")
     augment_copies: int = Field(default=1, ge=0, description="Augmented copies of each train text in the "
                                 "transfer set (masking, deletion, swaps, span mixing; teacher-labelled; "
                                 "0 = none)")
@@ -374,7 +376,7 @@ def teacher_logits(model_dir: Path, texts: list[Any], out: Path, name: str) -> P
     path = out / f"{name}-{key.hexdigest()[:12]}.npy"
     if not path.is_file():
         log.info("teacher logits on %d %s texts (once; cached in %s)", len(texts), name.split("_")[0], path.name)
-        model = load_inference_model(model_dir)
+        model = load_inference_model(model_dir, script=False)
         if model.kind == "tagging":
             logits = np.concatenate(model.tag(texts, batch_size=64) or [np.zeros((0, len(model.labels)), np.float32)])
         else:
@@ -424,7 +426,7 @@ def check_inputs(cfg: CompressConfig) -> tuple[dict[str, Any], Any]:
                              "test; re-run `slimray prepare` (it cuts both from train when the source has none)")
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{str(cfg.model)!r} is not a model folder (no config.json)")
-    base = load_inference_model(model_dir)
+    base = load_inference_model(model_dir, script=False)
     if base.backend != "torch":
         raise InputError(f"{cfg.model} is a {base.backend} artifact; compress the fine-tuned PyTorch model")
     if (base.kind == "tagging") != (task.kind == "tagging"):
@@ -618,7 +620,8 @@ def collect_trials(grid: Any) -> list[dict[str, Any]]:
     return trials
 
 
-def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads: int) -> dict[str, Any]:
+def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads: int,
+                  rounds: int = 15) -> dict[str, Any]:
     """Measures every finished candidate (in place) and the base model: scores one after another, latency side by
     side (``tuning.measure.latency_side_by_side``: the choice must not depend on when each was timed); returns
     the base's."""
@@ -630,7 +633,7 @@ def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads:
     for r in finished:
         dirs[r["trial_id"]] = local_copy(r["artifact"])
         r.update(measure(dirs[r["trial_id"]], inputs.latency_texts, threads, {"val": inputs.val}, timed=False))
-    latency = latency_side_by_side(dirs, inputs.latency_texts, threads)
+    latency = latency_side_by_side(dirs, inputs.latency_texts, threads, rounds=rounds)
     base.update(latency.pop("base"))
     for r in finished:
         r.update(latency[r["trial_id"]])
@@ -706,7 +709,7 @@ def main(cfg: CompressConfig) -> Path | str:
     shared = write_trial_inputs(cfg, inputs, output)
     trials = collect_trials(run_search(cfg, shared, inputs.depth, output.dest))
     finished = [r for r in trials if r["status"] == "finished"]
-    base = measure_again(finished, inputs, cfg.threads)
+    base = measure_again(finished, inputs, cfg.threads, cfg.latency_rounds)
     try:
         chosen = choose(finished, base, cfg.max_accuracy_drop)
     except NoCandidateError:

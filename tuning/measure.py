@@ -98,8 +98,8 @@ def measure(model_dir: Path, latency_texts: Sequence[str], threads: int = 1,
             eval_sets: dict[str, tuple[Sequence[str], Sequence[str]]] | None = None,
             repeats: int = 5, timed: bool = True) -> dict[str, Any]:
     """Accuracy/macro-F1 on each eval set, batch-1 and batch-32 latency (unless not ``timed``: for models whose
-    latency ``latency_side_by_side`` measures), and size of one artifact."""
-    model = load_inference_model(model_dir, threads=threads)
+    latency ``latency_side_by_side`` measures: they load eagerly, not as a trace), and size of one artifact."""
+    model = load_inference_model(model_dir, threads=threads, script=timed)
     out: dict[str, Any] = {
         "size_mb": weight_bytes(model_dir) / 1e6,
         "backend": model.backend,
