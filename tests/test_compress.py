@@ -281,7 +281,7 @@ def test_a_killed_search_with_a_failing_trial_resumes_and_writes_the_choice(isol
     slow = {**POINT, "distill_epochs": 3}
     args = [sys.executable, "-m", "tuning.compress", "--model", str(tiny_classifier), "--data", str(sample_data),
             "--out", str(out), "--trials", "3", "--train-limit", "200", "--max-accuracy-drop", "100",
-            "--trial-cpus", "2", "--set", f"search={json.dumps(space)}",
+            "--trial-cpus", "2", "--set", "latency_rounds=3", "--set", f"search={json.dumps(space)}",
             "--set", f"initial_points={json.dumps([failing, fast, slow])}"]
     # Tune saves its experiment state every second here, so a finished trial is on disk when we kill.
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -302,7 +302,7 @@ def test_a_killed_search_with_a_failing_trial_resumes_and_writes_the_choice(isol
     assert len(first) == 1, first
     stamp = first[0].stat().st_mtime
     main(CompressConfig(model=tiny_classifier, data=sample_data, out=out, trials=3, train_limit=200,
-                        max_accuracy_drop=100, trial_cpus=2, search=space))
+                        max_accuracy_drop=100, trial_cpus=2, latency_rounds=3, search=space))
     assert first[0].stat().st_mtime == stamp, "the finished trial was rebuilt instead of resumed"
 
     for f in ("chosen/metrics.json", "chosen/manifest.json", "chosen/slimray_model.json", "report.md", "pareto.png"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,7 +73,7 @@ def served(ray_session, finetuned, finetuned_tagger, tiny_sentiment, tiny_causal
     items = _news("acme", range(3), "positive", 8, 0) + surge + _news("globex", range(4), "neutral", 6, 0)
     r = httpx.post(f"{url}/v1/observations", json={"items": items}, timeout=120)
     assert r.status_code == 200, r.text
-    yield url
+    yield SimpleNamespace(url=url, kb=tmp / "kb")
     serve.shutdown()
 
 
@@ -89,7 +90,7 @@ def test_the_page_streams_a_reply_with_intent_entities_and_citations_and_shows_u
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url = served
+    url = served.url
     wait = WebDriverWait(browser, 120)
     browser.get(url + "/")
     assert browser.title == "slimray assistant"
@@ -203,3 +204,11 @@ def test_the_page_asks_for_the_api_token_once_and_keeps_it_in_the_tab(browser):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_the_graph_with_index_and_generator_searches_generates_streams_and_hands_off(served):
+    """The knowledge path through the same graph, over the API (``test_rag.check_knowledge_graph``; its docs are
+    ``write_docs``'s and one more; tests/test_rag.py has the llama.cpp backend's)."""
+    from test_rag import check_knowledge_graph
+
+    check_knowledge_graph(served.url, served.kb, "transformers", 12)

@@ -251,11 +251,11 @@ def test_zero3_lora_finetune_shards_the_lm_resumes_and_exports_merged_and_adapte
     gen.write_jsonl(data, [{**RECORD, "question": f"what does wire number {i} cost?"} for i in range(40)])
     out = tmp_path / "gen-model"
     cfg = FinetuneConfig(data=data, out=out, task="generation", model=str(tiny_causal_lm), workers=2, zero_stage=3,
-                         max_steps=6, batch_size=2, checkpoint_every=2, log_every=2, max_failures=2,
+                         max_steps=4, batch_size=2, checkpoint_every=2, log_every=2, max_failures=2,
                          deepspeed={"stage3_param_persistence_threshold": 0})
     finetune_with_a_worker_killed(cfg, 2)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["restarts"] == 1 and metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
+    assert metrics["restarts"] == 1 and metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
     for rank in metrics["distributed"]["per_rank"]:  # the causal LM's parameters really are split in two
         assert abs(rank["param_numel_local"] / rank["param_numel_total"] - 0.5) < 0.01
     assert 0 <= metrics["token_accuracy"] <= 1 and metrics["loss"] > 0
@@ -374,16 +374,36 @@ def test_assist_streams_tokens_then_the_whole_answer_as_server_sent_events():
     asyncio.run(go())
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("backend", ["transformers", "llama_cpp"])
-def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off(ray_session, finetuned, backend,
-                                                                                 request, tmp_path):
-    if backend == "llama_cpp":
-        pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (CI tests the transformers backend)")
-        generator = request.getfixturevalue("tiny_gguf")[0]  # a fine-tune of a GGUF base: converted at deploy
-    else:
-        generator = request.getfixturevalue("tiny_causal_lm")
+def check_knowledge_graph(url: str, kb: Path, backend: str, max_new_tokens: int) -> None:
+    """The knowledge path through a deployed graph whose index was built from ``write_docs`` and whose playbook
+    searches for every message: search, a generated and cited answer, the SSE stream, a hand-off when the
+    documents hold nothing relevant, and what /v1/models says of the index and the generator."""
     import httpx
+
+    r = httpx.post(f"{url}/v1/search", json={"query": "how much is a transfer abroad", "k": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == "fees-international-transfers"
+    r = httpx.post(f"{url}/v1/assist", json={"message": "how much is a transfer abroad?"}, timeout=120).json()
+    assert r["source"] == "generated" and r["citations"] and r["finish_reason"] in ("stop", "length")
+    with httpx.stream("POST", f"{url}/v1/assist?stream=true", json={"message": "when do branches open?"},
+                      timeout=120) as s:
+        events = parse_sse("".join(s.iter_text()))
+    assert events[-1][0] == "done" and events[-1][1]["source"] == "generated"
+    assert "".join(d["text"] for e, d in events[:-1]).strip() != "" or events[-1][1]["reply"]
+    r = httpx.post(f"{url}/v1/assist", json={"message": "who won the football last night?"}, timeout=60).json()
+    assert r["source"] == "handoff" and r["handoff"]  # nothing relevant in the documents
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    passages = json.loads((kb / "index.json").read_text())["passages"]
+    assert models["knowledge"]["passages"] == passages and models["generator"]["max_new_tokens"] == max_new_tokens
+    assert models["generator"]["backend"] == backend
+
+
+@pytest.mark.integration
+def test_graph_with_a_llama_cpp_generator_searches_generates_streams_and_hands_off(ray_session, finetuned,
+                                                                                   request, tmp_path):
+    """``check_knowledge_graph`` with the llama.cpp backend (optional; tests/test_page.py checks the transformers
+    backend on the page's graph)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (CI tests the transformers backend)")
+    generator = request.getfixturevalue("tiny_gguf")[0]  # a fine-tune of a GGUF base: converted at deploy
     from ray import serve
 
     from serve_app.app import AppArgs
@@ -394,24 +414,10 @@ def test_graph_with_index_and_generator_searches_generates_streams_and_hands_off
     playbook = tmp_path / "playbook.yaml"
     playbook.write_text("default: A colleague will reply.\nintents: {}\n")
     args = AppArgs(model=str(finetuned), index=str(tmp_path / "kb"), generator=str(generator),
-                   generator_backend=backend, playbook=str(playbook), default_threshold=1.0,
+                   generator_backend="llama_cpp", playbook=str(playbook), default_threshold=1.0,
                    max_new_tokens=8)  # every message searches
     try:
-        url = deploy(args, port=free_port())
-        r = httpx.post(f"{url}/v1/search", json={"query": "how much is a transfer abroad", "k": 2}, timeout=60)
-        assert r.status_code == 200 and r.json()["results"][0]["id"] == "fees-international-transfers"
-        r = httpx.post(f"{url}/v1/assist", json={"message": "how much is a transfer abroad?"}, timeout=120).json()
-        assert r["source"] == "generated" and r["citations"] and r["finish_reason"] in ("stop", "length")
-        with httpx.stream("POST", f"{url}/v1/assist?stream=true", json={"message": "when do branches open?"},
-                          timeout=120) as s:
-            events = parse_sse("".join(s.iter_text()))
-        assert events[-1][0] == "done" and events[-1][1]["source"] == "generated"
-        assert "".join(d["text"] for e, d in events[:-1]) .strip() != "" or events[-1][1]["reply"]
-        r = httpx.post(f"{url}/v1/assist", json={"message": "who won the football last night?"}, timeout=60).json()
-        assert r["source"] == "handoff" and r["handoff"]  # nothing relevant in the documents
-        models = httpx.get(f"{url}/v1/models", timeout=30).json()
-        assert models["knowledge"]["passages"] == 9 and models["generator"]["max_new_tokens"] == 8
-        assert models["generator"]["backend"] == backend
+        check_knowledge_graph(deploy(args, port=free_port()), tmp_path / "kb", "llama_cpp", 8)
     finally:
         serve.shutdown()
 

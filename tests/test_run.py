@@ -87,6 +87,7 @@ def test_the_pipeline_on_a_tiny_slice(isolated_network, tiny_encoder, tiny_causa
         "finetune": {"model": str(tiny_encoder), "workers": 2, "zero_stage": 3, "max_steps": 3, "batch_size": 8,
                      "checkpoint_every": 3, "log_every": 1, "eval_batch_size": 64},
         "compress": {"trials": 2, "train_limit": 64, "max_accuracy_drop": 100, "asha": False, "trial_cpus": 1,
+                     "latency_rounds": 3,
                      "search": {"distill_layers": [0, 1], "distill_epochs": [1], "prune_heads": [0.0],
                                 "prune_ffn": [0.0], "recovery_steps": [0], "trim_vocab": [True],
                                 "quantize": ["onnx-int8"]}},
@@ -163,7 +164,7 @@ def test_the_pipeline_for_an_entity_tagger(isolated_network, tiny_encoder, tmp_p
     profile.write_text(yaml.safe_dump({
         "finetune": {"model": str(tiny_encoder), "workers": 2, "zero_stage": 2, "epochs": 3, "batch_size": 8,
                      "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 16, "log_every": 5, "eval_batch_size": 64},
-        "compress": {"trials": 2, "max_accuracy_drop": 100, "asha": False, "latency_texts": 32,
+        "compress": {"trials": 2, "max_accuracy_drop": 100, "asha": False, "latency_texts": 32, "latency_rounds": 3,
                      "search": {"distill_layers": [0, 1], "distill_epochs": [1], "prune_heads": [0.0],
                                 "prune_ffn": [0.0], "recovery_steps": [0], "trim_vocab": [True],
                                 "quantize": ["onnx-int8"]}},

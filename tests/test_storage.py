@@ -335,7 +335,7 @@ def test_finetune_then_compress_with_data_checkpoints_and_models_in_s3(s3_with_k
     storage.upload_dir(sample_data, s3_with_keys("data"))
     monkeypatch.setenv("SLIMRAY_STORAGE_ROOT", s3_with_keys("runs"))
     cfg = FinetuneConfig(data=s3_with_keys("data"), out=s3_with_keys("ft"), model=str(tiny_encoder), workers=2,
-                         zero_stage=2, max_steps=2, batch_size=16, checkpoint_every=1, log_every=1)
+                         zero_stage=2, max_steps=2, batch_size=16, log_every=1)  # the last step checkpoints
     assert finetune(cfg) == s3_with_keys("ft")
 
     local = storage.download_dir(s3_with_keys("ft"))
@@ -351,7 +351,7 @@ def test_finetune_then_compress_with_data_checkpoints_and_models_in_s3(s3_with_k
              "prune_heads": 0.0, "prune_ffn": 0.0, "importance": "taylor", "recovery_steps": 0,
              "trim_vocab": False, "quantize": "torch-int8"}
     search = CompressConfig(model=s3_with_keys("ft"), data=s3_with_keys("data"), out=s3_with_keys("compress"),
-                            trials=1, train_limit=100, max_accuracy_drop=100, initial_points=[point],
+                            trials=1, train_limit=100, max_accuracy_drop=100, latency_rounds=3, initial_points=[point],
                             search={"distill_epochs": [1]})
     try:
         assert compress(search) == storage.join(s3_with_keys("compress"), "chosen")
