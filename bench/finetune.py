@@ -4,7 +4,8 @@
     python bench/finetune.py --skip-full --steps 20                            # throughput part only
 
 1. Full run of the best configuration (MiniLM-L6, 2 workers, ZeRO-2, jobs/configs/finetune_banking77.yaml),
-   test accuracy reported; the model is saved to <storage_root>/bench/b77-ft for bench/compress.py.
+   test accuracy reported; the model is saved to <storage_root>/bench/b77-ft for bench/compress.py. The same
+   command resumes an interrupted full run from its last checkpoint (``--fresh`` starts it over).
 2. Fixed-step runs on the same cores, same model, same global batch (32) and max_length: a plain
    single-process PyTorch loop (2 threads), Ray Train DDP (2 workers x 1 thread) and slimray's DeepSpeed
    ZeRO-0/1/2/3 (2 workers x 1 thread). Samples/s count optimizer-step time only (no start-up, no eval).
@@ -134,6 +135,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each fixed-step run")
     parser.add_argument("--skip-full", action="store_true", help="skip the full accuracy run")
     parser.add_argument("--skip-throughput", action="store_true", help="skip the fixed-step runs")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the full run over (deletes its checkpoints); by default an interrupted full run "
+                             "resumes from its last checkpoint, and a finished one is read back")
     parser.add_argument("--full-config", type=Path, default=REPO / "jobs/configs/finetune_banking77.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -172,7 +176,7 @@ def main() -> None:
     if not args.skip_full:
         cfg = build_config(FinetuneConfig, file=args.full_config,
                            flags={"data": str(data), "out": str(root / "b77-ft"), "overwrite": True,
-                                  "resume": False})
+                                  "resume": not args.fresh})
         finetune(cfg)
         full = json.loads((root / "b77-ft" / "metrics.json").read_text())
         accuracy = full["accuracy"]
