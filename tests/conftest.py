@@ -15,10 +15,6 @@ import pytest
 from cluster.settings import get_settings
 
 REPO = Path(__file__).resolve().parent.parent
-# Ray Train's controller takes at most one report per poll and polls every 2 s by default, so a worker that
-# reports twice in a row (a checkpoint, then the final report) waits there: most of a tiny run's time. Every Ray
-# cluster the tests start (embedded, a subprocess's, a `ray start` node) inherits this.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def pytest_addoption(parser):
@@ -164,10 +160,9 @@ def kill_a_worker_once_checkpointed(run_dir: Path, step: int, done: threading.Ev
     """A real fault from outside the product: once the run has registered its checkpoint of `step`, SIGKILL one
     of its Ray Train worker processes. Runs in a thread beside the driver; polls until `done` or `timeout_s`.
 
-    The controller takes one report per poll, polls at least 0.5 s apart (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, set
-    above), and registers a checkpoint only when every rank has reported it; the next checkpoint is two training
-    steps later. So the kill (within 50 ms of the registration) lands before the next checkpoint can be
-    registered: the run resumes from exactly `step`.
+    The controller takes one report per poll, polls at least 2 s apart, and registers a checkpoint only when
+    every rank has reported it, so the kill (milliseconds after the registration is seen) lands before the
+    next checkpoint can be registered: the run resumes from exactly `step`.
     """
     from ray.util.state import list_actors
 
