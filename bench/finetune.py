@@ -182,8 +182,11 @@ def main() -> None:
         accuracy = full["accuracy"]
 
     if args.skip_throughput:
+        resumed = f" (resumed from step {full['resumed_from_step']}: wall time of this command only)" \
+            if full.get("resumed_from_step") else ""
         print(f"Full run: test accuracy {accuracy:.4f}, macro-F1 {full['macro_f1']:.4f}, {full['steps']} steps, "
-              f"{full['wall_s']:.0f} s, {full['train_samples_per_s']:.1f} samples/s; model in {root / 'b77-ft'}")
+              f"{full['wall_s']:.0f} s{resumed}, {full['train_samples_per_s']:.1f} samples/s; model in "
+              f"{root / 'b77-ft'}")
         print(f"finetune_test_accuracy: {accuracy:.4f}")
         return
     base = results["plain PyTorch loop (1 process, 2 threads)"]

