@@ -621,7 +621,7 @@ def collect_trials(grid: Any) -> list[dict[str, Any]]:
 
 
 def measure_again(finished: list[dict[str, Any]], inputs: SearchInputs, threads: int,
-                  rounds: int = 15) -> dict[str, Any]:
+                  rounds: int) -> dict[str, Any]:
     """Measures every finished candidate (in place) and the base model: scores one after another, latency side by
     side (``tuning.measure.latency_side_by_side``: the choice must not depend on when each was timed); returns
     the base's."""
