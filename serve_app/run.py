@@ -165,7 +165,6 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
     for name, options in UNLISTED_DEFAULTS.items():  # not listed in the YAML (Serve rejects unused entries)
         if served[name]:
             entries.setdefault(name, {"name": name, **options})
-    entries = {name: entry for name, entry in entries.items() if served.get(name, True)}
     knobs = {INGRESS: args.routing, **{name: args.batching for name in (MODEL, CANARY, ENTITY, SENTIMENT)
                                        if served[name]}}
     if served[MONITOR]:
@@ -178,7 +177,7 @@ def serve_schema(args: AppArgs, serve_config: Path = SERVE_CONFIG, host: str = "
     for name, options in (deployments or {}).items():
         entries[name] = {k: v for k, v in {**entries.get(name, {}), **options, "name": name}.items()
                          if v is not None}
-    app["deployments"] = list(entries.values())
+    app["deployments"] = [entry for name, entry in entries.items() if served.get(name, True)]
     config["applications"] = [app]
     config["http_options"] = {**config.get("http_options", {}), "host": host, "port": port}
     return ServeDeploySchema.model_validate(config)

@@ -144,6 +144,10 @@ def ray_session(isolated_network, tmp_path_factory):
     from cluster.ray_env import connect
 
     os.environ["SLIMRAY_STORAGE_ROOT"] = str(tmp_path_factory.mktemp("storage"))
+    # Serve gives up on a new version for good after 3 failed starts per replica, counting a worker process that
+    # did not register in time and a health check that timed out (Ray 2.60). On a loaded CI machine that can be
+    # the machine, not the app; a constructor that raises still fails every try. Read by the controller.
+    os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "10")
     connect()
     yield
     ray.shutdown()

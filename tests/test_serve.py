@@ -533,8 +533,10 @@ def test_deploy_overrides_win_over_the_yaml_and_the_token_stays_out_of_it():
     args = AppArgs.model_validate({"model": "/m/ft", "canary_model": "/m/int8", "threads": 2, "api_token": "tok-123",
                                    "routing": {"canary_fraction": 0.2}})
     schema = serve_schema(args, host="0.0.0.0", port=8124,
-                          deployments={MODEL: {"num_replicas": 2, "autoscaling_config": None}})
+                          deployments={MODEL: {"num_replicas": 2, "autoscaling_config": None},
+                                       ENTITY: {"num_replicas": 1}})  # no entity model: the entry is dropped
     (app,) = schema.applications
+    assert {d.name for d in app.deployments} == {INGRESS, MODEL, CANARY}
     assert app.args == {"model": "/m/ft", "canary_model": "/m/int8", "threads": 2, "routing": {"canary_fraction": 0.2}}
     assert "tok-123" not in schema.model_dump_json()  # Serve logs an app's args
     AppArgs.model_validate(app.args)  # what build_app gets on the cluster
@@ -738,6 +740,12 @@ def test_slimray_serve_runs_the_yaml_app_until_ctrl_c(isolated_network, finetune
     assert "slimray serve: stopped" in stopping and "Traceback" not in stopping, stopping[-3000:]
 
 
+# One replica per model on the session cluster's 2 CPUs: no graph test asserts autoscaling (the YAML test, test_cluster
+# and `slimray serve` deploy the YAML's as they are), and a burst that scales both versions up asks for more CPUs
+# than there are, leaving replicas pending and restarting while the next test redeploys.
+PINNED = {name: {"num_replicas": 1, "autoscaling_config": None} for name in (MODEL, CANARY, ENTITY)}
+
+
 @pytest.fixture(scope="module")
 def graph_app(ray_session, finetuned, sample_data, tmp_path_factory):
     """The arguments of the graph with two versions: v1 (the fine-tuned model, calibrated at start-up on the
@@ -763,7 +771,7 @@ def graph(graph_app):
     from serve_app.run import deploy
 
     args, port = graph_app
-    return SimpleNamespace(url=deploy(args, port=port), port=port)
+    return SimpleNamespace(url=deploy(args, port=port, deployments=PINNED), port=port)
 
 
 def _sample_messages(n: int) -> list[str]:
@@ -789,7 +797,7 @@ def test_graph_with_a_local_primary_answers_single_texts_in_the_ingress_as_the_m
     from serve_app.run import deploy
 
     args, port = graph_app
-    url = deploy(args.model_copy(update={"local_model": True}), port=port)
+    url = deploy(args.model_copy(update={"local_model": True}), port=port, deployments=PINNED)
     texts = _sample_messages(24)
     singles = asyncio.run(_post_all(url, "/v1/classify", [{"texts": [t]} for t in texts]))
     assert all(r.status_code == 200 for r in singles)
@@ -883,7 +891,18 @@ def _wait_for(url: str, predicate, timeout_s: float = 120):
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url}: {last.text[:500] if last is not None else 'no answer'}")
+    raise TimeoutError(f"{url}: {last.text[:500] if last is not None else 'no answer'}\n{_serve_status()}")
+
+
+def _serve_status() -> str:
+    """What Serve says of each app and deployment (a failed replica's constructor error is in its message)."""
+    from ray import serve
+
+    lines = []
+    for name, app in serve.status().applications.items():
+        lines.append(f"{name}: {app.status} {app.message}")
+        lines += [f"  {d}: {s.status} {s.message}" for d, s in app.deployments.items()]
+    return "\n".join(lines)
 
 
 @pytest.mark.integration
@@ -1020,7 +1039,7 @@ def test_graph_with_an_entity_model_tags_real_text_as_evaluate_does_and_fills_sl
                                                             "fallback": "Which place?"} for label in labels}}))
     args = AppArgs(model=str(finetuned), entity_model=str(finetuned_tagger), entity_version="ner-v1",
                    playbook=str(playbook), default_threshold=0.0)
-    url = deploy(args, port=graph_app[1])  # replaces the graph fixture's app, which it deploys again
+    url = deploy(args, port=graph_app[1], deployments=PINNED)  # replaces the graph fixture's app; it deploys again
     models = httpx.get(url + "/v1/models", timeout=30).json()
     assert (models["entity_model"]["version"], models["entity_model"]["role"]) == ("ner-v1", "entity")
     assert models["entity_model"]["backend"] == "torch" and len(models["versions"]) == 1
