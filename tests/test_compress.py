@@ -241,6 +241,40 @@ def row(tid, acc, f1, lat, size):
     return {"trial_id": tid, "val_accuracy": acc, "val_macro_f1": f1, "latency_ms_b1": lat, "size_mb": size}
 
 
+def test_a_spent_time_budget_starts_no_trial_and_lets_the_running_ones_finish(monkeypatch):
+    """Tune's own time_budget_s kills running trials; the search's budget only stops starting new ones, and a
+    resumed search (unpickled from Tune's state) counts its budget afresh."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search import Searcher
+
+    from tuning import compress
+
+    class Counting(Searcher):
+        def __init__(self):
+            super().__init__(metric="val_accuracy", mode="max")
+            self.suggested, self.completed = 0, []
+
+        def suggest(self, trial_id):
+            self.suggested += 1
+            return {"x": self.suggested}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.completed.append(trial_id)
+
+    now = [1000.0]
+    monkeypatch.setattr(compress.time, "monotonic", lambda: now[0])
+    search = compress.budgeted_search(Counting(), max_concurrent=2, budget_s=60)
+    assert search.suggest("a") == {"x": 1} and search.suggest("b") == {"x": 2}
+    assert search.suggest("c") is None  # two running: the third waits
+    now[0] += 61
+    assert search.suggest("c") == Searcher.FINISHED
+    search.on_trial_complete("a", {"val_accuracy": 0.9})  # a trial running at the deadline reports as usual
+    assert search.searcher.completed == ["a"] and search.suggest("d") == Searcher.FINISHED
+    resumed = cloudpickle.loads(cloudpickle.dumps(search))
+    assert resumed.suggest("d") == {"x": 3}
+    assert compress.budgeted_search(Counting(), 1, None).suggest("a") == {"x": 1}  # no budget
+
+
 def test_pareto_and_choice():
     rows = [row("a", 0.90, 0.88, 1.0, 10), row("b", 0.91, 0.90, 2.0, 20), row("c", 0.85, 0.80, 0.5, 5),
             row("d", 0.89, 0.87, 1.5, 12)]  # d is dominated by a

@@ -87,7 +87,9 @@ class CompressConfig(StrictModel):
     trials: int = Field(default=12, ge=1, description="Number of candidates to build")
     max_accuracy_drop: float = Field(default=1.0, ge=0, description="Allowed validation accuracy drop vs the "
                                      "base model, in percentage points (macro-F1 may drop twice that)")
-    time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting trials after this many seconds")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting trials after this many "
+                                        "seconds of the search (counted afresh when it resumes); running trials "
+                                        "finish")
     threads: int = Field(default=1, ge=1, description="Threads for latency measurement (the same for every model)")
     trial_cpus: float = Field(default=1.0, gt=0, description="CPUs per trial; trials run in parallel on the rest")
     train_limit: int | None = Field(default=None, ge=1, description="Smoke knob: use at most this many train "
@@ -589,14 +591,47 @@ def _tune_config(cfg: CompressConfig, depth: int, tagger: bool = False) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     max_epoch = max(cfg.search.distill_epochs)
-    searcher = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
+    optuna = OptunaSearch(metric=["val_accuracy", "latency_ms_b1", "size_mb"], mode=["max", "min", "min"],
                             points_to_evaluate=first_points(cfg, depth, tagger), seed=cfg.seed)
     scheduler = (ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch", max_t=max_epoch,
                                grace_period=min(max_epoch, cfg.asha_grace_epochs or math.ceil(max_epoch / 2)),
                                reduction_factor=2) if cfg.asha and max_epoch > 1 else None)
     cpus = ray.cluster_resources().get("CPU", 1)
-    return tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler,
-                           max_concurrent_trials=max(1, int(cpus // cfg.trial_cpus)), time_budget_s=cfg.time_budget_s)
+    searcher = budgeted_search(optuna, max(1, int(cpus // cfg.trial_cpus)), cfg.time_budget_s)
+    return tune.TuneConfig(num_samples=cfg.trials, search_alg=searcher, scheduler=scheduler)
+
+
+def budgeted_search(searcher: Any, max_concurrent: int, budget_s: float | None) -> Any:
+    """``searcher`` limited to ``max_concurrent`` trials at once, starting none once ``budget_s`` seconds have
+    passed since the search (or its resumption) began; the trials running then finish.
+
+    Tune's own ``time_budget_s`` stops every running trial at the deadline: with students that train for tens
+    of minutes, the longest (and best) ones would be cut after they had used most of the budget.
+    """
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    class BudgetedSearch(ConcurrencyLimiter):
+        def __init__(self, searcher: Any, max_concurrent: int, budget_s: float | None):
+            super().__init__(searcher, max_concurrent)
+            self.budget_s, self.started, self.spent = budget_s, time.monotonic(), False
+
+        def suggest(self, trial_id: str) -> Any:
+            if self.budget_s is not None and time.monotonic() - self.started > self.budget_s:
+                if not self.spent:
+                    log.info("time budget of %.0f s spent: no more trials start; the running ones finish",
+                             self.budget_s)
+                    self.spent = True
+                return Searcher.FINISHED
+            return super().suggest(trial_id)
+
+        def set_state(self, state: dict) -> None:  # restored: the clock of this process starts now
+            super().set_state(state)
+            self.started, self.spent = time.monotonic(), False
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state, started=time.monotonic(), spent=False)
+
+    return BudgetedSearch(searcher, max_concurrent, budget_s)
 
 
 def collect_trials(grid: Any) -> list[dict[str, Any]]:
