@@ -181,6 +181,7 @@ def main() -> None:
     for r in trials:
         if r["status"] == "finished":
             dirs[f"search {r['trial_id']}: {describe_pipeline(r['pipeline'])}"] = Path(r["artifact"])
+    print(f"load average before the side-by-side measurement: {os.getloadavg()}", flush=True)
     rows = measure_all(dirs, read_json(args.out / "inputs" / "latency_texts.json"),
                        eval_rows(args.data, "test", args.kind))
     strong = min((UNFUSED, FUSED), key=lambda n: rows[n]["latency_ms_b1"])
