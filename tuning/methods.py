@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from jobs.modeling import encoder_layers, layer_shapes, shrink_layer
 from jobs.tagging import encode_windows, tag_sentences, word_windows
 from jobs.tasks import accuracy_macro_f1, tagging_metrics
 from tuning.onnx_export import ONNX_BACKENDS, write_onnx
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_BACKENDS = ("none", "torch-int8", *ONNX_BACKENDS)
 
@@ -328,6 +331,8 @@ def kd_train(model: Any, tokenizer: Any, ctx: Context, *, epochs: float, lr: flo
                     break
             epoch = math.ceil(step / steps_per_epoch)
             history.append({"epoch": epoch, "steps": b + 1, **{k: round(v / (b + 1), 6) for k, v in sums.items()}})
+            log.info("knowledge distillation: step %d/%d, epoch %d, mean loss %.4f", step, total, epoch,
+                     history[-1]["loss"])
             if ctx.on_epoch is not None and max_steps is None:
                 ctx.on_epoch(epoch, val_score(model, tokenizer, ctx))
     finally:
