@@ -242,8 +242,8 @@ def row(tid, acc, f1, lat, size):
 
 
 def test_a_spent_time_budget_starts_no_trial_and_lets_the_running_ones_finish(monkeypatch):
-    """Tune's own time_budget_s kills running trials; the search's budget only stops starting new ones, and a
-    resumed search (unpickled from Tune's state) counts its budget afresh."""
+    """Tune's own time_budget_s kills running trials; the search's budget only stops creating new ones, and a
+    search restored before its budget ran out (its wrapper unpickled from tuner.pkl) counts it afresh."""
     import ray.cloudpickle as cloudpickle
     from ray.tune.search import Searcher
 

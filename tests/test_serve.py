@@ -898,8 +898,12 @@ def _serve_status() -> str:
     """What Serve says of each app and deployment (a failed replica's constructor error is in its message)."""
     from ray import serve
 
+    try:
+        apps = serve.status().applications
+    except Exception as e:  # the timeout is the error to report, not this
+        return f"(serve.status() failed: {e!r})"
     lines = []
-    for name, app in serve.status().applications.items():
+    for name, app in apps.items():
         lines.append(f"{name}: {app.status} {app.message}")
         lines += [f"  {d}: {s.status} {s.message}" for d, s in app.deployments.items()]
     return "\n".join(lines)

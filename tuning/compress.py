@@ -87,9 +87,8 @@ class CompressConfig(StrictModel):
     trials: int = Field(default=12, ge=1, description="Number of candidates to build")
     max_accuracy_drop: float = Field(default=1.0, ge=0, description="Allowed validation accuracy drop vs the "
                                      "base model, in percentage points (macro-F1 may drop twice that)")
-    time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting trials after this many "
-                                        "seconds of the search (counted afresh when it resumes); running trials "
-                                        "finish")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Create no new trial after this many "
+                                        "seconds of the search; the trials already created finish")
     threads: int = Field(default=1, ge=1, description="Threads for latency measurement (the same for every model)")
     trial_cpus: float = Field(default=1.0, gt=0, description="CPUs per trial; trials run in parallel on the rest")
     train_limit: int | None = Field(default=None, ge=1, description="Smoke knob: use at most this many train "
@@ -602,11 +601,15 @@ def _tune_config(cfg: CompressConfig, depth: int, tagger: bool = False) -> Any:
 
 
 def budgeted_search(searcher: Any, max_concurrent: int, budget_s: float | None) -> Any:
-    """``searcher`` limited to ``max_concurrent`` trials at once, starting none once ``budget_s`` seconds have
-    passed since the search (or its resumption) began; the trials running then finish.
+    """``searcher`` limited to ``max_concurrent`` trials at once, creating none once ``budget_s`` seconds have
+    passed since the search began; the trials created by then (running, or pending for a CPU) finish.
 
     Tune's own ``time_budget_s`` stops every running trial at the deadline: with students that train for tens
     of minutes, the longest (and best) ones would be cut after they had used most of the budget.
+
+    Resumed (``Tuner.restore``): a search interrupted before its budget ran out gets it afresh (the clock of the
+    new process starts at the restore); one interrupted after it ran out stays finished (Tune restores its
+    search generator as finished) and only completes the trials it had created.
     """
     from ray.tune.search import ConcurrencyLimiter, Searcher
 
