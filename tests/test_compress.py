@@ -272,6 +272,10 @@ def test_a_spent_time_budget_starts_no_trial_and_lets_the_running_ones_finish(mo
     assert search.searcher.completed == ["a"] and search.suggest("d") == Searcher.FINISHED
     resumed = cloudpickle.loads(cloudpickle.dumps(search))
     assert resumed.suggest("d") == {"x": 3}
+    restored = cloudpickle.loads(cloudpickle.dumps(search))  # Tune's restore: tuner.pkl, then the saved state
+    now[0] += 1000
+    restored.set_state(search.get_state())
+    assert restored.suggest("e") == {"x": 3}  # the saved (spent) clock is not what counts in the new process
     assert compress.budgeted_search(Counting(), 1, None).suggest("a") == {"x": 1}  # no budget
 
 
